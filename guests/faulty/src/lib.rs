@@ -1,0 +1,144 @@
+//! faulty: a state machine that misbehaves on request, so host tests can exercise trap
+//! rollback, fuel exhaustion, memory limits and error results. Not for deployment.
+//!
+//! Commands (text): `add-N`, `add-then-trap-N`, `spin`, `grow`, `fail`.
+//! Query: `get`. State: one `i64`.
+
+use std::cell::{Cell, RefCell};
+
+wit_bindgen::generate!({ world: "fsm", path: "../../wit" });
+
+use exports::wasm_raft::fsm::state_machine::{Entry, Guest, GuestRestore, GuestSnapshot};
+
+thread_local! {
+    static COUNTER: Cell<i64> = const { Cell::new(0) };
+}
+
+struct Faulty;
+
+impl Guest for Faulty {
+    type Snapshot = Snapshot;
+    type Restore = Restore;
+
+    fn init(config: Vec<(String, String)>) -> Result<(), String> {
+        if config.iter().any(|(k, v)| k == "fail-init" && v == "1") {
+            return Err("init refused".to_string());
+        }
+        COUNTER.set(0);
+        Ok(())
+    }
+
+    fn apply(entries: Vec<Entry>) -> Vec<Result<Vec<u8>, String>> {
+        entries.iter().map(|e| apply(&e.command)).collect()
+    }
+
+    fn query(request: Vec<u8>) -> Result<Vec<u8>, String> {
+        match request.as_slice() {
+            b"get" => Ok(COUNTER.get().to_string().into_bytes()),
+            _ => Err("unknown query".to_string()),
+        }
+    }
+
+    fn digest() -> Vec<u8> {
+        COUNTER.get().to_le_bytes().to_vec()
+    }
+}
+
+fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
+    let text = std::str::from_utf8(command).map_err(|_| "unknown command".to_string())?;
+    // Checked before `add-`, which is its prefix.
+    if let Some(n) = text.strip_prefix("add-then-trap-") {
+        add(n)?;
+        panic!("add-then-trap: trapping after the counter changed");
+    }
+    if let Some(n) = text.strip_prefix("add-") {
+        return add(n).map(|value| value.to_string().into_bytes());
+    }
+    match text {
+        "spin" => spin(),
+        "grow" => grow(),
+        "fail" => Err("requested failure".to_string()),
+        _ => Err("unknown command".to_string()),
+    }
+}
+
+fn add(n: &str) -> Result<i64, String> {
+    let n: i64 = n
+        .parse()
+        .map_err(|e| format!("add needs an integer, got {n:?}: {e}"))?;
+    let value = COUNTER
+        .get()
+        .checked_add(n)
+        .ok_or_else(|| "counter overflow".to_string())?;
+    COUNTER.set(value);
+    Ok(value)
+}
+
+/// Runs until the host's fuel budget stops it; `black_box` keeps the loop doing work the
+/// optimiser cannot remove.
+fn spin() -> ! {
+    let mut i = 0u64;
+    loop {
+        i = std::hint::black_box(i.wrapping_add(1));
+    }
+}
+
+/// Reserves (without touching, so it burns little fuel) ever more memory until an
+/// allocation fails, which aborts: the trap the host's memory limit must produce.
+fn grow() -> ! {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        blocks.push(Vec::with_capacity(16 << 20));
+        std::hint::black_box(&mut blocks);
+    }
+}
+
+/// The counter as it was when the snapshot was created; a read may take part of it.
+struct Snapshot(RefCell<Vec<u8>>);
+
+impl GuestSnapshot for Snapshot {
+    fn new() -> Self {
+        Snapshot(RefCell::new(COUNTER.get().to_le_bytes().to_vec()))
+    }
+
+    fn read(&self, max_bytes: u32) -> Result<Vec<u8>, String> {
+        let mut rest = self.0.borrow_mut();
+        let take = rest.len().min(max_bytes as usize);
+        Ok(rest.drain(..take).collect())
+    }
+}
+
+struct Restore(RefCell<Vec<u8>>);
+
+impl GuestRestore for Restore {
+    fn new() -> Self {
+        Restore(RefCell::new(Vec::new()))
+    }
+
+    fn write(&self, chunk: Vec<u8>) -> Result<(), String> {
+        let mut buf = self.0.borrow_mut();
+        if buf.len() + chunk.len() > 8 {
+            return Err("faulty snapshot is longer than 8 bytes".to_string());
+        }
+        buf.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        let bytes: [u8; 8] = self.0.borrow().as_slice().try_into().map_err(|_| {
+            format!(
+                "faulty snapshot must be exactly 8 bytes, got {}",
+                self.0.borrow().len()
+            )
+        })?;
+        COUNTER.set(i64::from_le_bytes(bytes));
+        Ok(())
+    }
+}
+
+// The generated export shims are the only unsafe code in this crate.
+#[allow(unsafe_code)]
+mod export_shims {
+    use super::*;
+    export!(Faulty with_types_in super);
+}

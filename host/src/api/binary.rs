@@ -1,0 +1,103 @@
+//! The binary client protocol: length-delimited `ClientRequest` frames in, `ClientResponse`
+//! frames out, matched by id. Requests on one connection run concurrently (bounded), so
+//! a client can pipeline.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{App, Outcome};
+use crate::codec::{encode_frame, read_frame, FrameError};
+use crate::proto::{ClientRequest, ClientResponse, Code, RequestKind};
+
+/// Requests in flight per connection before the server stops reading from it.
+const MAX_IN_FLIGHT: usize = 1024;
+
+pub async fn serve(listener: TcpListener, app: Arc<App>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_conn(stream, app.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "client accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(stream: TcpStream, app: Arc<App>) {
+    let peer = stream.peer_addr().ok();
+    let (rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<ClientResponse>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Some(resp) = rx.recv().await {
+            out.clear();
+            encode_frame(&resp, &mut out);
+            // Coalesce whatever else is ready into the same write.
+            while let Ok(more) = rx.try_recv() {
+                encode_frame(&more, &mut out);
+            }
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut rd = BufReader::new(rd);
+    let mut buf = Vec::new();
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let req: ClientRequest = match read_frame(&mut rd, app.max_frame, &mut buf).await {
+            Ok(r) => r,
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                // The stream is out of step (or hostile): say why, then hang up.
+                app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(?peer, error = %e, "bad frame from client");
+                let _ = tx
+                    .send(ClientResponse {
+                        code: Code::BadRequest as i32,
+                        error: e.to_string(),
+                        ..Default::default()
+                    })
+                    .await;
+                break;
+            }
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let app = app.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let resp = handle(&app, req).await;
+            let _ = tx.send(resp).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn handle(app: &App, req: ClientRequest) -> ClientResponse {
+    let outcome = match RequestKind::try_from(req.kind) {
+        Ok(RequestKind::Propose) => app.propose(req.payload).await,
+        Ok(RequestKind::Query) => app.query(req.payload, req.stale_ok).await,
+        Err(_) => {
+            app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return ClientResponse {
+                id: req.id,
+                code: Code::BadRequest as i32,
+                error: format!("unknown request kind {}", req.kind),
+                ..Default::default()
+            };
+        }
+    };
+    Outcome::into_response(outcome, req.id)
+}

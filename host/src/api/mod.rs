@@ -1,0 +1,216 @@
+//! The client-facing side of a member: how a proposal or a query becomes an [`Outcome`],
+//! and the two wire protocols that carry them (`binary`, `text`).
+//!
+//! Only this module and `client` know the client wire format.
+
+pub mod binary;
+pub mod text;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+
+use crate::client::Client;
+use crate::metrics::Metrics;
+use crate::proto::{ClientResponse, Code};
+use crate::store::StateMachine;
+use crate::types::{Member, NodeId, Raft, Request};
+
+/// Shared state of a running member, handed to every server.
+pub struct App {
+    pub id: NodeId,
+    pub me: Member,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub metrics: Arc<Metrics>,
+    pub proposal_timeout: Duration,
+    pub max_frame: usize,
+    pub token: String,
+    pub fsm_sha256: String,
+    pub fsm_config: Vec<(String, String)>,
+    /// Used by the text protocol to forward commands from a follower to the leader.
+    forwarder: tokio::sync::OnceCell<Client>,
+}
+
+/// What became of a request. Tells the caller whether the command may have taken effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok(Vec<u8>),
+    /// Committed; the guest's error result.
+    GuestError(String),
+    /// Definitely not applied.
+    Rejected(String),
+    /// May have been applied.
+    Unknown(String),
+    /// Not the leader; its client address when known. Nothing was appended.
+    NotLeader(Option<String>),
+}
+
+impl Outcome {
+    pub fn into_response(self, id: u64) -> ClientResponse {
+        let mut r = ClientResponse {
+            id,
+            ..Default::default()
+        };
+        match self {
+            Outcome::Ok(v) => r.value = v,
+            Outcome::GuestError(e) => (r.code, r.error) = (Code::GuestError as i32, e),
+            Outcome::Rejected(e) => (r.code, r.error) = (Code::Rejected as i32, e),
+            Outcome::Unknown(e) => (r.code, r.error) = (Code::UnknownOutcome as i32, e),
+            Outcome::NotLeader(l) => {
+                r.code = Code::NotLeader as i32;
+                r.error = "not the leader".into();
+                r.leader = l.unwrap_or_default();
+            }
+        }
+        r
+    }
+}
+
+impl App {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        me: Member,
+        raft: Raft,
+        sm: StateMachine,
+        metrics: Arc<Metrics>,
+        proposal_timeout: Duration,
+        max_frame: usize,
+        token: String,
+        fsm_sha256: String,
+        fsm_config: Vec<(String, String)>,
+    ) -> Self {
+        App {
+            id,
+            me,
+            raft,
+            sm,
+            metrics,
+            proposal_timeout,
+            max_frame,
+            token,
+            fsm_sha256,
+            fsm_config,
+            forwarder: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A member's entry in the current membership, if it has one.
+    pub fn member(&self, id: NodeId) -> Option<Member> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    fn leader_client_addr<N>(&self, f: &ForwardToLeader<NodeId, N>) -> Option<String>
+    where
+        N: openraft::Node,
+    {
+        f.leader_id
+            .and_then(|id| self.member(id))
+            .map(|m| m.client_addr)
+    }
+
+    /// Write through the log: answered once committed on a majority and applied here.
+    pub async fn propose(&self, command: Vec<u8>) -> Outcome {
+        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+        let out = self.propose_inner(command).await;
+        match &out {
+            Outcome::Ok(_) | Outcome::GuestError(_) => {}
+            Outcome::NotLeader(_) => {
+                self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.metrics.proposal_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    async fn propose_inner(&self, command: Vec<u8>) -> Outcome {
+        let rx = match self.raft.client_write_ff(Request { command }).await {
+            Ok(rx) => rx,
+            Err(e) => return Outcome::Rejected(format!("member is stopping: {e}")),
+        };
+        match tokio::time::timeout(self.proposal_timeout, rx).await {
+            Err(_) => Outcome::Unknown(format!(
+                "not committed within {} ms",
+                self.proposal_timeout.as_millis()
+            )),
+            Ok(Err(_)) => {
+                Outcome::Unknown("the member stopped before the entry was applied".into())
+            }
+            Ok(Ok(Ok(resp))) => match resp.data.result {
+                Ok(v) => Outcome::Ok(v),
+                Err(e) => Outcome::GuestError(e),
+            },
+            // Either not the leader, or the entry was truncated by a new leader (so it was
+            // never committed): definite in both cases.
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
+                Outcome::NotLeader(self.leader_client_addr(&f))
+            }
+            Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => {
+                Outcome::Rejected(e.to_string())
+            }
+        }
+    }
+
+    /// A read. Linearizable unless `stale_ok`: leadership is confirmed with a quorum and the
+    /// read waits until the state machine has applied the read index.
+    pub async fn query(&self, request: Vec<u8>, stale_ok: bool) -> Outcome {
+        self.metrics.queries.fetch_add(1, Ordering::Relaxed);
+        if !stale_ok {
+            match tokio::time::timeout(self.proposal_timeout, self.raft.ensure_linearizable()).await
+            {
+                Err(_) => return self.query_failed("could not confirm leadership in time".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+                    return Outcome::NotLeader(self.leader_client_addr(&f));
+                }
+                Ok(Err(e)) => {
+                    return self.query_failed(format!("could not confirm leadership: {e}"))
+                }
+            }
+        }
+        match self.sm.query(request).await {
+            Ok(v) => Outcome::Ok(v),
+            Err(e) => Outcome::GuestError(e),
+        }
+    }
+
+    fn query_failed(&self, why: String) -> Outcome {
+        self.metrics.query_errors.fetch_add(1, Ordering::Relaxed);
+        Outcome::Rejected(why)
+    }
+
+    /// Propose, and if this member is not the leader, pass the command on to the leader
+    /// through the client library (the text protocol has no way to redirect a client).
+    pub async fn propose_or_forward(&self, command: Vec<u8>) -> Outcome {
+        match self.propose(command.clone()).await {
+            Outcome::NotLeader(Some(leader)) => {
+                let client = self
+                    .forwarder
+                    .get_or_init(|| async {
+                        // The leader first; the others let the client follow a later one.
+                        let mut addrs = vec![leader];
+                        let m = self.raft.metrics().borrow().membership_config.clone();
+                        addrs.extend(
+                            m.membership()
+                                .nodes()
+                                .filter(|(id, _)| **id != self.id)
+                                .map(|(_, n)| n.client_addr.clone()),
+                        );
+                        addrs.dedup();
+                        Client::new(addrs)
+                    })
+                    .await;
+                client.propose_outcome(command).await
+            }
+            other => other,
+        }
+    }
+}

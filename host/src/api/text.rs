@@ -1,0 +1,142 @@
+//! The original project's text protocol: one command per line (`set-K-V`, `get-K`,
+//! `delete-K`), each proposed through the log and answered on the same connection, in
+//! order, with `OK: <value>` or `ERR: <why>` (`ERR: unknown outcome: <why>` when the
+//! command may have been applied). Usable with `nc`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{App, Outcome};
+
+/// Longest accepted line: a 1 MiB value plus the command around it.
+const MAX_LINE: usize = (1 << 20) + 1024;
+
+pub async fn serve(listener: TcpListener, app: Arc<App>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_conn(stream, app.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "text accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Whether a line is one of the three commands; anything else never reaches the log.
+pub fn validate(line: &str) -> Result<(), String> {
+    let key_ok = |rest: &str| !rest.is_empty() && !rest.starts_with('-');
+    let ok = if let Some(rest) = line.strip_prefix("set-") {
+        rest.split_once('-').is_some_and(|(k, _)| key_ok(k))
+    } else if let Some(rest) = line
+        .strip_prefix("get-")
+        .or_else(|| line.strip_prefix("delete-"))
+    {
+        key_ok(rest)
+    } else {
+        false
+    };
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = line.chars().take(64).collect();
+        Err(format!(
+            "unknown command {shown:?} (expected set-K-V, get-K or delete-K)"
+        ))
+    }
+}
+
+/// Render an outcome as one response line (without the newline).
+pub fn render(outcome: Outcome) -> String {
+    let oneline = |s: String| s.replace('\n', "\\n").replace('\r', "\\r");
+    match outcome {
+        Outcome::Ok(v) => format!("OK: {}", oneline(String::from_utf8_lossy(&v).into_owned())),
+        Outcome::GuestError(e) | Outcome::Rejected(e) => format!("ERR: {}", oneline(e)),
+        Outcome::Unknown(e) => format!("ERR: unknown outcome: {}", oneline(e)),
+        Outcome::NotLeader(_) => "ERR: no leader available, retry later".to_string(),
+    }
+}
+
+async fn serve_conn(stream: TcpStream, app: Arc<App>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut rd)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if line.last() != Some(&b'\n') && n > MAX_LINE {
+            app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let _ = wr
+                .write_all(format!("ERR: line longer than {MAX_LINE} bytes\n").as_bytes())
+                .await;
+            return;
+        }
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
+            line.pop();
+        }
+        if line.is_empty() {
+            continue;
+        }
+        // Commands are answered strictly in order: a client's pipelined set then get on
+        // one connection must observe each other.
+        let reply = match std::str::from_utf8(&line)
+            .map_err(|_| "line is not UTF-8".to_string())
+            .and_then(|l| validate(l).map(|()| l))
+        {
+            Ok(cmd) => render(app.propose_or_forward(cmd.as_bytes().to_vec()).await),
+            Err(why) => {
+                app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+                format!("ERR: {why}")
+            }
+        };
+        let mut out = reply.into_bytes();
+        out.push(b'\n');
+        if wr.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_the_three_forms() {
+        for ok in ["set-1-a", "set-k-", "set-k-a-b", "get-1", "delete-x"] {
+            assert!(validate(ok).is_ok(), "{ok}");
+        }
+        for bad in ["hello", "get-", "set-1", "set--v", "put-1-2", "delete-", ""] {
+            assert!(validate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_outcomes_on_one_line() {
+        assert_eq!(render(Outcome::Ok(b"a\nb".to_vec())), "OK: a\\nb");
+        assert_eq!(
+            render(Outcome::GuestError("key not found: 1".into())),
+            "ERR: key not found: 1"
+        );
+        assert_eq!(
+            render(Outcome::Unknown("timeout".into())),
+            "ERR: unknown outcome: timeout"
+        );
+    }
+}

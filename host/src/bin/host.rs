@@ -1,0 +1,51 @@
+//! `host --fsm guest.wasm [...]`: run one member. See `host --help` and the README.
+
+use clap::Parser;
+use host::config::Opts;
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let opts = Opts::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("host: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async {
+        match host::node::run(opts, shutdown_signal()).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("host: {e}");
+                e.exit_code()
+            }
+        }
+    });
+    // Do not wait for blocked worker threads (a guest stuck in a long call): everything
+    // acknowledged is already on disk.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(code);
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("host: cannot watch SIGTERM: {e}");
+            std::process::exit(1);
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,160 @@
+//! Command-line options of `host`. Every flag can also come from an environment variable
+//! (`HOST_<FLAG>`), which is how Kubernetes deploys set them.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "host",
+    version,
+    about = "Raft node running a WebAssembly state-machine guest"
+)]
+pub struct Opts {
+    /// The guest component (.wasm) implementing wit/fsm.wit.
+    #[arg(long, env = "HOST_FSM")]
+    pub fsm: PathBuf,
+
+    /// Node id, unique in the cluster.
+    #[arg(long, env = "HOST_ID", default_value_t = 1)]
+    pub id: u64,
+
+    /// Binary client protocol (kv, loadgen, the client library).
+    #[arg(long, env = "HOST_CLIENT_ADDR", default_value = "127.0.0.1:11000")]
+    pub client_addr: String,
+
+    /// Peer RPC between members.
+    #[arg(long, env = "HOST_RAFT_ADDR", default_value = "127.0.0.1:12000")]
+    pub raft_addr: String,
+
+    /// HTTP: GET /status, GET /metrics, POST /join.
+    #[arg(long, env = "HOST_ADMIN_ADDR", default_value = "127.0.0.1:13000")]
+    pub admin_addr: String,
+
+    /// The original text protocol (`set-K-V`, `get-K`, `delete-K`, one per line); off
+    /// unless given.
+    #[arg(long, env = "HOST_TEXT_ADDR")]
+    pub text_addr: Option<String>,
+
+    /// Address others should use to reach this node's ports, when it differs from the
+    /// bind address (e.g. bound to 0.0.0.0 in a container). Host name or IP only; ports
+    /// are taken from the bind addresses.
+    #[arg(long, env = "HOST_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+
+    /// Log, vote, snapshots and the guest's private directory. Default: ./data/node-<id>.
+    #[arg(long, env = "HOST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Admin addresses of existing members to join through. Without it, a node with an
+    /// empty data dir bootstraps a one-node cluster.
+    #[arg(long, env = "HOST_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+
+    /// Join as a non-voting learner only.
+    #[arg(long, env = "HOST_LEARNER")]
+    pub learner: bool,
+
+    /// Guest settings, `K=V`, handed to the guest's `init` in order. Part of the guest's
+    /// identity: every member must use the same.
+    #[arg(long = "fsm-config", env = "HOST_FSM_CONFIG", value_delimiter = ';', value_parser = parse_kv)]
+    pub fsm_config: Vec<(String, String)>,
+
+    /// Shared secret peers and joining nodes must present. Without it, anyone who can
+    /// reach the raft and admin ports can join the cluster.
+    #[arg(long, env = "HOST_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+
+    /// Build a snapshot (and compact the log) after this many entries.
+    #[arg(long, env = "HOST_SNAPSHOT_EVERY", default_value_t = 10_000)]
+    pub snapshot_every: u64,
+
+    /// Entries kept in the log behind a snapshot, so a briefly lagging follower catches
+    /// up from the log rather than a full snapshot.
+    #[arg(long, env = "HOST_KEEP_LOGS", default_value_t = 1_000)]
+    pub keep_logs: u64,
+
+    /// Fuel (roughly, WebAssembly instructions) one entry may use before it fails.
+    #[arg(long, env = "HOST_FUEL_PER_ENTRY", default_value_t = 100_000_000)]
+    pub fuel_per_entry: u64,
+
+    /// Linear memory limit of the guest instance.
+    #[arg(long, env = "HOST_GUEST_MEMORY_MB", default_value_t = 4096)]
+    pub guest_memory_mb: usize,
+
+    /// Leader heartbeat period; election timeouts are 5-10 times this.
+    #[arg(long, env = "HOST_HEARTBEAT_MS", default_value_t = 100)]
+    pub heartbeat_ms: u64,
+
+    /// How long a client write may wait for commit before its outcome is reported unknown.
+    #[arg(long, env = "HOST_PROPOSAL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub proposal_timeout_ms: u64,
+
+    /// Largest frame accepted on the client and peer ports.
+    #[arg(long, env = "HOST_MAX_FRAME_BYTES", default_value_t = crate::codec::DEFAULT_MAX_FRAME)]
+    pub max_frame_bytes: usize,
+
+    /// Do not fsync the log. Only for experiments: a crash can lose acknowledged writes.
+    #[arg(long, env = "HOST_NO_FSYNC")]
+    pub no_fsync: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+impl Opts {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("./data/node-{}", self.id)))
+    }
+
+    /// The address peers and clients should use for a bound address.
+    pub fn advertised(&self, bind: &str) -> String {
+        match (&self.advertise_host, bind.rsplit_once(':')) {
+            (Some(h), Some((_, port))) => format!("{h}:{port}"),
+            _ => bind.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_kv_settings() {
+        let o = Opts::try_parse_from([
+            "host",
+            "--fsm",
+            "x.wasm",
+            "--fsm-config",
+            "a=1",
+            "--fsm-config",
+            "b=x=y",
+        ])
+        .expect("parse");
+        assert_eq!(o.id, 1);
+        assert_eq!(o.data_dir(), PathBuf::from("./data/node-1"));
+        assert_eq!(
+            o.fsm_config,
+            vec![("a".into(), "1".into()), ("b".into(), "x=y".into())]
+        );
+        assert!(
+            Opts::try_parse_from(["host", "--fsm", "x.wasm", "--fsm-config", "novalue"]).is_err()
+        );
+        assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn advertise_keeps_the_port() {
+        let o = Opts::try_parse_from(["host", "--fsm", "x", "--advertise-host", "node2"])
+            .expect("parse");
+        assert_eq!(o.advertised("0.0.0.0:12000"), "node2:12000");
+    }
+}

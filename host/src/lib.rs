@@ -1,0 +1,28 @@
+//! A Raft member whose state machine is a WebAssembly component.
+//!
+//! # Layout
+//!
+//! - [`node`]: start-up (inputs, storage, Raft, servers, bootstrap or join) and shutdown.
+//! - [`types`]: the openraft type configuration (what an entry carries).
+//! - [`store`]: the durable log (`store::log`) and the guest-backed state machine
+//!   (`store::sm`, a worker thread owning the guest instance and the snapshots).
+//! - [`fsm`]: the wasmtime engine, deterministic configuration, and guest instances.
+//! - [`net`]: peer RPC (AppendEntries, Vote, InstallSnapshot) over TCP.
+//! - [`api`]: what a proposal or query becomes, and the binary and text client protocols.
+//! - [`admin`]: HTTP `/status`, `/metrics`, `/join`.
+//! - [`client`]: the client library (`kv`, tests, forwarding).
+//! - [`codec`], [`proto`]: frames and wire messages.
+//! - [`metrics`]: counters for `/metrics`.
+
+pub mod admin;
+pub mod api;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod fsm;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod proto;
+pub mod store;
+pub mod types;

@@ -1,0 +1,289 @@
+//! Start-up and shutdown of a member: check the inputs, open storage, start Raft and the
+//! servers, bootstrap or join, then wait for the shutdown signal.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{Config, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::admin::{self, config_sha256, JoinReply, JoinRequest};
+use crate::api::{self, App};
+use crate::config::Opts;
+use crate::fsm::{GuestModule, Limits, LoadError};
+use crate::metrics::Metrics;
+use crate::net::{self, Network};
+use crate::store::{GuestSpec, LogStore, StateMachine};
+use crate::types::{Member, Raft};
+
+/// Why a member could not start. `Input` errors are the operator's to fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Guest(#[from] LoadError),
+    #[error("{0}")]
+    Input(String),
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Guest(_) | StartError::Input(_) => 2,
+            StartError::Other(_) => 1,
+        }
+    }
+}
+
+/// What a data dir was created for: a restart with another id or guest would silently
+/// become a different member.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Identity {
+    id: u64,
+    fsm_sha256: String,
+    fsm_config_sha256: String,
+}
+
+fn check_identity(dir: &Path, ours: &Identity) -> Result<bool, StartError> {
+    let path = dir.join("node.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let theirs: Identity = serde_json::from_slice(&bytes)
+                .map_err(|e| StartError::Input(format!("{}: unreadable: {e}", path.display())))?;
+            if theirs.id != ours.id {
+                return Err(StartError::Input(format!(
+                    "{} belongs to node {}, not node {}",
+                    dir.display(),
+                    theirs.id,
+                    ours.id
+                )));
+            }
+            if theirs.fsm_sha256 != ours.fsm_sha256 {
+                return Err(StartError::Input(format!(
+                    "{} holds state of guest sha256 {}; --fsm is sha256 {} (a member cannot change its guest)",
+                    dir.display(),
+                    theirs.fsm_sha256,
+                    ours.fsm_sha256
+                )));
+            }
+            if theirs.fsm_config_sha256 != ours.fsm_config_sha256 {
+                return Err(StartError::Input(format!(
+                    "{} was created with other --fsm-config settings; a member cannot change them",
+                    dir.display()
+                )));
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StartError::Input(format!("cannot create {}: {e}", dir.display())))?;
+            let json = serde_json::to_vec_pretty(ours).map_err(anyhow::Error::from)?;
+            crate::store::log::write_file_durably(&path, &json)
+                .map_err(|e| StartError::Input(format!("cannot write {}: {e}", path.display())))?;
+            Ok(false)
+        }
+        Err(e) => Err(StartError::Input(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+async fn bind(addr: &str, what: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Input(format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+/// Run a member until `shutdown` completes.
+pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let limits = Limits {
+        fuel_per_entry: opts.fuel_per_entry,
+        memory_bytes: opts.guest_memory_mb.saturating_mul(1 << 20),
+    };
+    let module = Arc::new(GuestModule::load(&opts.fsm, limits)?);
+    let data_dir = opts.data_dir();
+    let identity = Identity {
+        id: opts.id,
+        fsm_sha256: module.sha256().to_string(),
+        fsm_config_sha256: config_sha256(&opts.fsm_config),
+    };
+    let existing = check_identity(&data_dir, &identity)?;
+
+    // Ports before anything slow, so a clash is reported at once.
+    let raft_l = bind(&opts.raft_addr, "raft").await?;
+    let client_l = bind(&opts.client_addr, "client").await?;
+    let admin_l = bind(&opts.admin_addr, "admin").await?;
+    let text_l = match &opts.text_addr {
+        Some(a) => Some(bind(a, "text").await?),
+        None => None,
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let log = LogStore::open(&data_dir.join("log"), !opts.no_fsync)
+        .map_err(|e| anyhow::anyhow!("opening the log in {}: {e}", data_dir.display()))?;
+    let sm = StateMachine::open(
+        &data_dir.join("snapshots"),
+        GuestSpec {
+            module: module.clone(),
+            config: opts.fsm_config.clone(),
+            guest_dir: data_dir.join("guest"),
+            node: opts.id,
+        },
+        log.shared(),
+        metrics.clone(),
+    )
+    .map_err(|e| StartError::Input(format!("{e:#}")))?;
+
+    let hb = opts.heartbeat_ms.max(10);
+    let config = Config {
+        cluster_name: "wasm-raft".into(),
+        heartbeat_interval: hb,
+        election_timeout_min: hb * 5,
+        election_timeout_max: hb * 10,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: opts.keep_logs,
+        snapshot_max_chunk_size: 1 << 20,
+        purge_batch_size: 64,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Input(format!("raft settings: {e}")))?;
+
+    let network = Network {
+        id: opts.id,
+        token: opts.cluster_token.clone().unwrap_or_default(),
+        max_frame: opts.max_frame_bytes,
+    };
+    let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
+
+    let me = Member {
+        raft_addr: opts.advertised(&opts.raft_addr),
+        admin_addr: opts.advertised(&opts.admin_addr),
+        client_addr: opts.advertised(&opts.client_addr),
+    };
+    let app = Arc::new(App::new(
+        opts.id,
+        me.clone(),
+        raft.clone(),
+        sm,
+        metrics,
+        Duration::from_millis(opts.proposal_timeout_ms),
+        opts.max_frame_bytes,
+        opts.cluster_token.clone().unwrap_or_default(),
+        module.sha256().to_string(),
+        opts.fsm_config.clone(),
+    ));
+
+    let mut tasks = vec![
+        tokio::spawn(net::serve(
+            raft_l,
+            raft.clone(),
+            app.token.clone(),
+            opts.max_frame_bytes,
+        )),
+        tokio::spawn(api::binary::serve(client_l, app.clone())),
+        tokio::spawn(admin::serve(admin_l, app.clone())),
+    ];
+    if let Some(l) = text_l {
+        tasks.push(tokio::spawn(api::text::serve(l, app.clone())));
+    }
+
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !initialized && opts.join.is_empty() {
+        if existing {
+            tracing::warn!("data dir exists but holds no membership; bootstrapping a new cluster");
+        }
+        tracing::info!(id = opts.id, "bootstrapping a one-node cluster");
+        raft.initialize(BTreeMap::from([(opts.id, me.clone())]))
+            .await
+            .map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?;
+    }
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
+    if !opts.join.is_empty() {
+        let req = JoinRequest {
+            id: opts.id,
+            raft_addr: me.raft_addr.clone(),
+            admin_addr: me.admin_addr.clone(),
+            client_addr: me.client_addr.clone(),
+            fsm_sha256: module.sha256().to_string(),
+            fsm_config_sha256: identity.fsm_config_sha256.clone(),
+            learner: opts.learner,
+        };
+        let token = app.token.clone();
+        let seeds = opts.join.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(why) = join_cluster(&seeds, &req, &token).await {
+                let _ = fatal_tx.send(why).await;
+            }
+        }));
+    }
+    tracing::info!(
+        id = opts.id,
+        client = %opts.client_addr,
+        raft = %opts.raft_addr,
+        admin = %opts.admin_addr,
+        guest = %module.path().display(),
+        sha256 = %module.sha256(),
+        "member started"
+    );
+
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        Some(why) = fatal_rx.recv() => Err(StartError::Input(why)),
+    };
+    tracing::info!("shutting down");
+    for t in &tasks {
+        t.abort();
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    outcome
+}
+
+/// Ask the seeds to add us until one (or the leader it points to) accepts. A refusal that
+/// retrying cannot fix (another guest, wrong token) is returned as an error.
+async fn join_cluster(seeds: &[String], req: &JoinRequest, token: &str) -> Result<(), String> {
+    let body = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    let mut backoff = Duration::from_millis(100);
+    let mut next: Option<String> = None;
+    let mut i = 0usize;
+    loop {
+        let addr = next.take().unwrap_or_else(|| {
+            i += 1;
+            seeds[(i - 1) % seeds.len()].clone()
+        });
+        match admin::post_json(&addr, "/join", token, &body, Duration::from_secs(150)).await {
+            Ok((200, _)) => {
+                tracing::info!(via = %addr, "joined the cluster");
+                return Ok(());
+            }
+            Ok((code, text)) => {
+                let r: Option<JoinReply> = serde_json::from_str(&text).ok();
+                let msg = r.as_ref().map_or(text.clone(), |r| r.message.clone());
+                match code {
+                    401 | 409 | 400 => {
+                        return Err(format!("{addr} refused to add this node: {msg}"))
+                    }
+                    421 => next = r.and_then(|r| r.leader_admin),
+                    _ => tracing::info!(via = %addr, code, %msg, "join not done yet; retrying"),
+                }
+            }
+            Err(e) => tracing::info!(via = %addr, error = %e, "join attempt failed; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,7 @@
+//! Storage: the durable log (`log`) and the guest-backed state machine (`sm`).
+
+pub mod log;
+pub mod sm;
+
+pub use log::{LogStore, SharedLog};
+pub use sm::{GuestSpec, StateMachine};

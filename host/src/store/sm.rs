@@ -1,0 +1,578 @@
+//! The state machine: openraft's `RaftStateMachine` on one side, a guest instance on a
+//! dedicated worker thread on the other.
+//!
+//! The worker owns everything the state consists of (the instance, the last applied log
+//! id, the last membership, the current snapshot), so a snapshot always describes exactly
+//! the state it was cut from, whatever openraft does concurrently.
+//!
+//! # Snapshot files (`<data-dir>/snapshots/`)
+//!
+//! `current.snap` = `SNAP_MAGIC`, a u32 BE length, the bincode `SnapshotMeta`, then the
+//! guest's own stream. The same bytes travel to followers, so a received snapshot is
+//! installed by renaming it.
+//!
+//! # Traps
+//!
+//! A trap (or running out of fuel) leaves an instance unusable. The worker records the
+//! entry's index as trapped, rebuilds a fresh instance from the current snapshot plus the
+//! log up to the entry before, skipping entries already known to trap, and answers the
+//! entry with an error. Every member does the same, so they stay identical.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::oneshot;
+
+use super::log::{sync_dir, SharedLog};
+use crate::fsm::{ApplyOutcome, GuestModule, Instance};
+use crate::metrics::Metrics;
+use crate::types::{
+    Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
+};
+
+const SNAP_MAGIC: &[u8; 8] = b"WRSNAP1\n";
+const CHUNK: u32 = 1 << 20;
+
+/// Handle to the worker; cheap to clone.
+#[derive(Clone)]
+pub struct StateMachine {
+    tx: mpsc::Sender<Op>,
+    dir: PathBuf,
+    receiving: Arc<Mutex<Vec<PathBuf>>>,
+    seq: Arc<AtomicU64>,
+}
+
+/// What `/status` shows of the state: the digest at `last_applied`, read together.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub digest: Vec<u8>,
+}
+
+enum Op {
+    Apply(
+        Vec<Entry>,
+        oneshot::Sender<Result<Vec<Response>, StorageError>>,
+    ),
+    Query(Vec<u8>, oneshot::Sender<Result<Vec<u8>, String>>),
+    Digest(oneshot::Sender<Result<Applied, String>>),
+    AppliedState(oneshot::Sender<(Option<LogId>, StoredMembership)>),
+    Build(oneshot::Sender<Result<SnapshotMeta, StorageError>>),
+    Install(
+        SnapshotMeta,
+        PathBuf,
+        oneshot::Sender<Result<(), StorageError>>,
+    ),
+}
+
+fn sm_err(verb: ErrorVerb, e: &impl ToString) -> StorageError {
+    StorageIOError::new(
+        ErrorSubject::StateMachine,
+        verb,
+        openraft::AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+fn snap_err(verb: ErrorVerb, e: &impl ToString) -> StorageError {
+    StorageIOError::new(
+        ErrorSubject::Snapshot(None),
+        verb,
+        openraft::AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+/// Everything the worker needs to make instances.
+pub struct GuestSpec {
+    pub module: Arc<GuestModule>,
+    pub config: Vec<(String, String)>,
+    pub guest_dir: PathBuf,
+    pub node: NodeId,
+}
+
+impl StateMachine {
+    /// Start the worker: restore the current snapshot if there is one, else a fresh
+    /// instance. Fails if the guest refuses its settings.
+    pub fn open(
+        dir: &Path,
+        spec: GuestSpec,
+        log: SharedLog,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir)?;
+        fs::create_dir_all(&spec.guest_dir)?;
+        // Leftovers of interrupted transfers or builds.
+        for e in fs::read_dir(dir)?.flatten() {
+            if e.file_name() != "current.snap" {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let mut worker = Worker {
+            spec,
+            inst: None,
+            last_applied: None,
+            membership: StoredMembership::default(),
+            snapshot: None,
+            dir: dir.to_path_buf(),
+            log,
+            trapped: BTreeSet::new(),
+            metrics,
+        };
+        worker.start()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("state-machine".into())
+            .spawn(move || worker.run(&rx))?;
+        Ok(StateMachine {
+            tx,
+            dir: dir.to_path_buf(),
+            receiving: Arc::default(),
+            seq: Arc::default(),
+        })
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Op,
+    ) -> Result<T, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .map_err(|_| sm_err(ErrorVerb::Write, &"state-machine thread stopped"))?;
+        rx.await
+            .map_err(|_| sm_err(ErrorVerb::Write, &"state-machine thread stopped"))
+    }
+
+    /// Run a read-only query on the local state. `Err` is the guest's error (or trap).
+    pub async fn query(&self, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        match self.call(|tx| Op::Query(request, tx)).await {
+            Ok(r) => r,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn applied(&self) -> Result<Applied, String> {
+        match self.call(Op::Digest).await {
+            Ok(r) => r,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let meta = self.call(Op::Build).await??;
+        let file = tokio::fs::File::open(self.dir.join("current.snap"))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        self.call(Op::AppliedState).await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.call(|tx| Op::Apply(entries, tx)).await?
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.dir.join(format!(
+            "receiving-{}.snap",
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        self.receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        snapshot
+            .sync_all()
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        let ino = snapshot
+            .metadata()
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?
+            .ino();
+        drop(snapshot);
+        // The file handle does not carry its path; find it among the files we created.
+        let path = {
+            let mut receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
+            let pos = receiving
+                .iter()
+                .position(|p| fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false));
+            pos.map(|i| receiving.remove(i))
+        }
+        .ok_or_else(|| snap_err(ErrorVerb::Read, &"received snapshot file not found"))?;
+        let meta = meta.clone();
+        self.call(|tx| Op::Install(meta, path, tx)).await?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let mut file = match tokio::fs::File::open(self.dir.join("current.snap")).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(ErrorVerb::Read, &e)),
+        };
+        let mut head = [0u8; 12];
+        file.read_exact(&mut head)
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
+        let mut meta = vec![0u8; len];
+        file.read_exact(&mut meta)
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        let meta: SnapshotMeta =
+            bincode::deserialize(&meta).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        file.rewind()
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+fn write_header(out: &mut impl Write, meta: &SnapshotMeta) -> io::Result<()> {
+    let meta = bincode::serialize(meta).map_err(io::Error::other)?;
+    out.write_all(SNAP_MAGIC)?;
+    out.write_all(&(meta.len() as u32).to_be_bytes())?;
+    out.write_all(&meta)
+}
+
+/// Open a snapshot file, returning its meta and a reader positioned at the guest stream.
+fn read_header(path: &Path) -> io::Result<(SnapshotMeta, BufReader<File>)> {
+    let mut r = BufReader::with_capacity(CHUNK as usize, File::open(path)?);
+    let mut head = [0u8; 12];
+    r.read_exact(&mut head)?;
+    if &head[..8] != SNAP_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: not a snapshot file", path.display()),
+        ));
+    }
+    let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    let mut meta = vec![0u8; len];
+    r.read_exact(&mut meta)?;
+    let meta = bincode::deserialize(&meta).map_err(io::Error::other)?;
+    Ok((meta, r))
+}
+
+struct Worker {
+    spec: GuestSpec,
+    inst: Option<Instance>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot: Option<SnapshotMeta>,
+    dir: PathBuf,
+    log: SharedLog,
+    /// Entries after the current snapshot whose application trapped.
+    trapped: BTreeSet<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    fn current(&self) -> PathBuf {
+        self.dir.join("current.snap")
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let current = self.current();
+        if current.exists() {
+            let (meta, mut r) = read_header(&current)?;
+            let mut inst = self.fresh()?;
+            inst.restore_from(&mut r, CHUNK as usize)
+                .map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
+            self.last_applied = meta.last_log_id;
+            self.membership = meta.last_membership.clone();
+            self.snapshot = Some(meta);
+            self.inst = Some(inst);
+        } else {
+            self.inst = Some(self.fresh()?);
+        }
+        Ok(())
+    }
+
+    fn fresh(&self) -> anyhow::Result<Instance> {
+        Instance::new(
+            &self.spec.module,
+            &self.spec.config,
+            Some(&self.spec.guest_dir),
+            self.spec.node,
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "guest {} refused to start: {e}",
+                self.spec.module.path().display()
+            )
+        })
+    }
+
+    fn run(mut self, rx: &mpsc::Receiver<Op>) {
+        while let Ok(op) = rx.recv() {
+            match op {
+                Op::Apply(entries, tx) => {
+                    let _ = tx.send(self.apply(entries));
+                }
+                Op::Query(req, tx) => {
+                    let _ = tx.send(self.query(&req));
+                }
+                Op::Digest(tx) => {
+                    let _ = tx.send(self.digest());
+                }
+                Op::AppliedState(tx) => {
+                    let _ = tx.send((self.last_applied, self.membership.clone()));
+                }
+                Op::Build(tx) => {
+                    let _ = tx.send(self.build());
+                }
+                Op::Install(meta, path, tx) => {
+                    let _ = tx.send(self.install(meta, &path));
+                }
+            }
+        }
+    }
+
+    fn instance(&mut self) -> Result<&mut Instance, StorageError> {
+        if self.inst.is_none() {
+            let upto = self.last_applied.map_or(0, |l| l.index);
+            self.rebuild(upto)?;
+        }
+        self.inst
+            .as_mut()
+            .ok_or_else(|| sm_err(ErrorVerb::Write, &"no guest instance"))
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Response>, StorageError> {
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let log_id = entry.log_id;
+            let resp = match entry.payload {
+                EntryPayload::Blank => Response::empty(),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(log_id), m);
+                    Response::empty()
+                }
+                EntryPayload::Normal(req) => {
+                    let started = Instant::now();
+                    let outcome =
+                        self.instance()?
+                            .apply(log_id.index, log_id.leader_id.term, &req.command);
+                    self.metrics.observe_apply(started.elapsed());
+                    match outcome {
+                        ApplyOutcome::Result(r) => {
+                            if r.is_err() {
+                                self.metrics.guest_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Response { result: r }
+                        }
+                        ApplyOutcome::Trap(why) => {
+                            self.metrics.guest_traps.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(index = log_id.index, %why, "guest trapped; rebuilding its instance");
+                            self.trapped.insert(log_id.index);
+                            self.inst = None;
+                            self.rebuild(log_id.index - 1)?;
+                            Response {
+                                result: Err(format!(
+                                    "guest trapped on entry {}: {why} (the entry had no effect)",
+                                    log_id.index
+                                )),
+                            }
+                        }
+                    }
+                }
+            };
+            self.last_applied = Some(log_id);
+            out.push(resp);
+        }
+        Ok(out)
+    }
+
+    /// Make a fresh instance holding the state after entry `upto`: the current snapshot
+    /// plus the log after it, skipping entries known to trap.
+    fn rebuild(&mut self, upto: u64) -> Result<(), StorageError> {
+        'attempt: loop {
+            let mut inst = self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+            let mut from = 0;
+            if let Some(meta) = &self.snapshot {
+                let (_, mut r) =
+                    read_header(&self.current()).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                inst.restore_from(&mut r, CHUNK as usize)
+                    .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                from = meta.last_log_id.map_or(0, |l| l.index + 1);
+            }
+            let entries: Vec<Entry> = {
+                let mem = self.log.lock().unwrap_or_else(|p| p.into_inner());
+                mem.entries
+                    .range(from..=upto)
+                    .map(|(_, e)| e.clone())
+                    .collect()
+            };
+            if let Some(first) = entries.first() {
+                if from > 0 && first.log_id.index != from {
+                    return Err(sm_err(
+                        ErrorVerb::Read,
+                        &format!(
+                            "cannot rebuild the guest: log starts at {} after a snapshot at {}",
+                            first.log_id.index,
+                            from - 1
+                        ),
+                    ));
+                }
+            }
+            for e in entries {
+                let idx = e.log_id.index;
+                if let EntryPayload::Normal(req) = &e.payload {
+                    if self.trapped.contains(&idx) {
+                        continue;
+                    }
+                    if let ApplyOutcome::Trap(why) =
+                        inst.apply(idx, e.log_id.leader_id.term, &req.command)
+                    {
+                        tracing::warn!(index = idx, %why, "entry trapped during rebuild; skipping it");
+                        self.trapped.insert(idx);
+                        continue 'attempt;
+                    }
+                }
+            }
+            self.inst = Some(inst);
+            return Ok(());
+        }
+    }
+
+    fn query(&mut self, req: &[u8]) -> Result<Vec<u8>, String> {
+        let inst = self.instance().map_err(|e| e.to_string())?;
+        match inst.query(req) {
+            Ok(r) => r,
+            Err(e) => {
+                if e.is_trap() {
+                    self.metrics.guest_traps.fetch_add(1, Ordering::Relaxed);
+                    self.inst = None;
+                }
+                Err(format!("query failed: {e}"))
+            }
+        }
+    }
+
+    fn digest(&mut self) -> Result<Applied, String> {
+        let last_applied = self.last_applied;
+        let inst = self.instance().map_err(|e| e.to_string())?;
+        match inst.digest() {
+            Ok(digest) => Ok(Applied {
+                last_applied,
+                digest,
+            }),
+            Err(e) => {
+                self.inst = None;
+                Err(format!("digest failed: {e}"))
+            }
+        }
+    }
+
+    fn build(&mut self) -> Result<SnapshotMeta, StorageError> {
+        let id = format!(
+            "{}-{}",
+            self.last_applied.map_or(0, |l| l.leader_id.term),
+            self.last_applied.map_or(0, |l| l.index)
+        );
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: id,
+        };
+        let tmp = self.dir.join("building.snap");
+        let res = (|| -> Result<u64, StorageError> {
+            let mut w = BufWriter::with_capacity(
+                CHUNK as usize,
+                File::create(&tmp).map_err(|e| snap_err(ErrorVerb::Write, &e))?,
+            );
+            write_header(&mut w, &meta).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+            let inst = self.instance()?;
+            let n = inst.snapshot_to(&mut w, CHUNK).map_err(|e| {
+                if e.is_trap() {
+                    self.inst = None;
+                }
+                snap_err(ErrorVerb::Write, &format!("guest snapshot failed: {e}"))
+            })?;
+            let f = w.into_inner().map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+            f.sync_all().map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+            Ok(n)
+        })();
+        let bytes = match res {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        fs::rename(&tmp, self.current()).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        let upto = self.last_applied.map_or(0, |l| l.index);
+        self.trapped = self.trapped.split_off(&(upto + 1));
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "snapshot built");
+        self.snapshot = Some(meta.clone());
+        Ok(meta)
+    }
+
+    fn install(&mut self, meta: SnapshotMeta, path: &Path) -> Result<(), StorageError> {
+        let (_, mut r) = read_header(path).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        let mut inst = self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+        inst.restore_from(&mut r, CHUNK as usize)
+            .map_err(|e| snap_err(ErrorVerb::Read, &format!("guest restore failed: {e}")))?;
+        drop(r);
+        fs::rename(path, self.current()).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        self.inst = Some(inst);
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.snapshot = Some(meta);
+        self.trapped.clear();
+        Ok(())
+    }
+}

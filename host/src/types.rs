@@ -1,0 +1,84 @@
+//! The openraft type configuration: what a log entry carries and what applying it returns.
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// Node ids are plain integers, as given by `--id`.
+pub type NodeId = u64;
+
+/// What the cluster knows about a member: the addresses others use to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub raft_addr: String,
+    pub admin_addr: String,
+    pub client_addr: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "raft={} admin={} client={}",
+            self.raft_addr, self.admin_addr, self.client_addr
+        )
+    }
+}
+
+/// A client command, replicated verbatim and handed to the guest's `apply`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub command: Vec<u8>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Request({} bytes)", self.command.len())
+    }
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The guest's result for one entry. `Err` is a replicated, deterministic outcome (the
+/// entry is committed), not a failure of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub result: Result<Vec<u8>, String>,
+}
+
+impl Response {
+    pub fn empty() -> Self {
+        Response {
+            result: Ok(Vec::new()),
+        }
+    }
+}
+
+// `declare_raft_types!` names `Cursor` in its defaults even when they are overridden.
+#[allow(unused_imports)]
+use Cursor as _;
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
