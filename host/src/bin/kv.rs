@@ -1,5 +1,7 @@
 //! `kv --cluster A,B,C set K V | get K | delete K`: talk to the kvstore guest through any
-//! member. Prints the value (get) or `OK`; exits non-zero with a message on error.
+//! member. Prints the value (get) or `OK`; exits non-zero with a message on error
+//! (3 when the command may have been applied). `propose`/`query` send raw bytes, for
+//! any guest.
 
 use clap::{Parser, Subcommand};
 use host::client::kv::{encode, Op};
@@ -40,6 +42,14 @@ enum Cmd {
     },
     /// Delete a key.
     Delete { key: String },
+    /// Propose raw command bytes (any guest), e.g. `propose set-1-a`.
+    Propose { command: String },
+    /// Send a raw read-only query (any guest).
+    Query {
+        request: String,
+        #[arg(long)]
+        stale: bool,
+    },
 }
 
 fn main() {

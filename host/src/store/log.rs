@@ -85,8 +85,6 @@ enum WriteOp {
         done: oneshot::Sender<io::Result<()>>,
     },
     Committed(Option<LogId>),
-    #[cfg(test)]
-    Sync(oneshot::Sender<()>),
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: &impl ToString) -> StorageError {
@@ -160,15 +158,6 @@ impl LogStore {
                 )
             })?
             .map_err(|e| io_err(subject, ErrorVerb::Write, &e))
-    }
-
-    /// Wait until everything sent to the writer so far is on disk.
-    #[cfg(test)]
-    pub async fn sync(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.writer.send(WriteOp::Sync(tx)).is_ok() {
-            let _ = rx.await;
-        }
     }
 }
 
@@ -466,11 +455,6 @@ impl Writer {
                         let _ = done.send(write_small(&self.dir.join("vote"), &vote));
                     }
                     WriteOp::Committed(c) => committed_hint = Some(c),
-                    #[cfg(test)]
-                    WriteOp::Sync(done) => {
-                        self.flush(&mut flushed);
-                        let _ = done.send(());
-                    }
                 }
             }
             self.flush(&mut flushed);
@@ -653,7 +637,6 @@ mod tests {
     async fn truncate_and_purge_persist() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let mut store = LogStore::open(dir.path(), true).expect("open");
             let mut w = Writer {
                 dir: dir.path().to_path_buf(),
                 segments: Vec::new(),
@@ -674,7 +657,6 @@ mod tests {
             w.purge(LogId::new(CommittedLeaderId::new(1, 1), 12))
                 .expect("purge");
             assert_eq!(w.segments.len(), 2, "segment 1..10 is gone");
-            store.sync().await;
         }
         let mut store = LogStore::open(dir.path(), true).expect("reopen");
         let state = store.get_log_state().await.expect("state");

@@ -226,7 +226,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<tokio::fs::File>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         snapshot
             .sync_all()
@@ -237,16 +237,37 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(|e| snap_err(ErrorVerb::Read, &e))?
             .ino();
-        drop(snapshot);
         // The file handle does not carry its path; find it among the files we created.
-        let path = {
+        let received = {
             let mut receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
             let pos = receiving
                 .iter()
                 .position(|p| fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false));
             pos.map(|i| receiving.remove(i))
-        }
-        .ok_or_else(|| snap_err(ErrorVerb::Read, &"received snapshot file not found"))?;
+        };
+        let path = match received {
+            Some(p) => p,
+            // A handle we did not hand out (e.g. one of our own snapshots): copy it.
+            None => {
+                let mut copy = self.begin_receiving_snapshot().await?;
+                snapshot
+                    .rewind()
+                    .await
+                    .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                tokio::io::copy(&mut *snapshot, &mut *copy)
+                    .await
+                    .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+                copy.sync_all()
+                    .await
+                    .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+                self.receiving
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop()
+                    .ok_or_else(|| snap_err(ErrorVerb::Write, &"snapshot copy vanished"))?
+            }
+        };
+        drop(snapshot);
         let meta = meta.clone();
         self.call(|tx| Op::Install(meta, path, tx)).await?
     }
@@ -448,10 +469,15 @@ impl Worker {
             }
             let entries: Vec<Entry> = {
                 let mem = self.log.lock().unwrap_or_else(|p| p.into_inner());
-                mem.entries
-                    .range(from..=upto)
-                    .map(|(_, e)| e.clone())
-                    .collect()
+                // `from > upto` when the entry right after the snapshot trapped.
+                if from > upto {
+                    Vec::new()
+                } else {
+                    mem.entries
+                        .range(from..=upto)
+                        .map(|(_, e)| e.clone())
+                        .collect()
+                }
             };
             if let Some(first) = entries.first() {
                 if from > 0 && first.log_id.index != from {

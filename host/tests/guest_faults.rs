@@ -1,0 +1,255 @@
+//! Guest faults, in process: traps, fuel exhaustion, memory exhaustion and error results
+//! must give the same results and state whatever the batching, leave the state as it was
+//! before the faulty entry, and survive snapshots and restarts. Uses the `faulty` test
+//! guest (run `scripts/build.sh` first).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use host::fsm::{GuestModule, Limits, LoadError};
+use host::metrics::Metrics;
+use host::store::{GuestSpec, LogStore, StateMachine};
+use host::types::{Entry, LogId, Request};
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{CommittedLeaderId, EntryPayload};
+
+fn guest(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/build.sh first",
+        p.display()
+    );
+    p
+}
+
+fn limits() -> Limits {
+    Limits {
+        fuel_per_entry: 20_000_000,
+        memory_bytes: 64 << 20,
+    }
+}
+
+struct Replica {
+    _dir: tempfile::TempDir,
+    log: LogStore,
+    sm: StateMachine,
+}
+
+fn open(
+    module: &Arc<GuestModule>,
+    dir: &Path,
+    config: Vec<(String, String)>,
+) -> anyhow::Result<(LogStore, StateMachine)> {
+    let log = LogStore::open(&dir.join("log"), true)?;
+    let sm = StateMachine::open(
+        &dir.join("snapshots"),
+        GuestSpec {
+            module: module.clone(),
+            config,
+            guest_dir: dir.join("guest"),
+            node: 1,
+        },
+        log.shared(),
+        Arc::new(Metrics::default()),
+    )?;
+    Ok((log, sm))
+}
+
+impl Replica {
+    fn new(module: &Arc<GuestModule>) -> Replica {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, sm) = open(module, dir.path(), Vec::new()).expect("open");
+        Replica { _dir: dir, log, sm }
+    }
+
+    /// Commit and apply entries as one batch; they are put in the log first, as openraft
+    /// does, so that a rebuild can replay them.
+    async fn apply(&mut self, entries: &[Entry]) -> Vec<Result<String, String>> {
+        {
+            let shared = self.log.shared();
+            let mut mem = shared.lock().expect("log lock");
+            for e in entries {
+                mem.entries.insert(e.log_id.index, e.clone());
+            }
+        }
+        self.sm
+            .apply(entries.to_vec())
+            .await
+            .expect("apply never fails the node")
+            .into_iter()
+            .map(|r| r.result.map(|v| String::from_utf8_lossy(&v).into_owned()))
+            .collect()
+    }
+
+    async fn counter(&self) -> String {
+        let v = self.sm.query(b"get".to_vec()).await.expect("query");
+        String::from_utf8(v).expect("utf8")
+    }
+
+    async fn digest(&self) -> (u64, Vec<u8>) {
+        let a = self.sm.applied().await.expect("digest");
+        (a.last_applied.map_or(0, |l| l.index), a.digest)
+    }
+}
+
+fn entries(commands: &[&str]) -> Vec<Entry> {
+    commands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+            payload: EntryPayload::Normal(Request {
+                command: c.as_bytes().to_vec(),
+            }),
+        })
+        .collect()
+}
+
+const HISTORY: [&str; 9] = [
+    "add-5",
+    "add-then-trap-3",
+    "spin",
+    "add-1",
+    "grow",
+    "fail",
+    "add-then-trap-100",
+    "add-2",
+    "bogus",
+];
+
+fn module() -> Arc<GuestModule> {
+    Arc::new(GuestModule::load(&guest("faulty"), limits()).expect("load faulty"))
+}
+
+#[tokio::test]
+async fn t10_faults_give_error_results_and_no_effect() {
+    let module = module();
+    let mut r = Replica::new(&module);
+    let mut results = Vec::new();
+    for e in entries(&HISTORY) {
+        results.extend(r.apply(&[e]).await);
+    }
+    assert_eq!(results[0], Ok("5".to_string()));
+    for (i, why) in [(1, "trapped"), (2, "fuel"), (4, "trapped"), (6, "trapped")] {
+        let err = results[i]
+            .clone()
+            .expect_err("fault must be an error result");
+        assert!(err.contains(why), "entry {}: {err}", i + 1);
+        assert!(err.contains("no effect"), "{err}");
+    }
+    assert_eq!(
+        results[3],
+        Ok("6".to_string()),
+        "the trapped add-3 left no trace"
+    );
+    assert_eq!(results[5], Err("requested failure".to_string()));
+    assert_eq!(results[7], Ok("8".to_string()));
+    assert!(results[8].is_err());
+    assert_eq!(r.counter().await, "8");
+    assert_eq!(r.digest().await, (9, 8i64.to_le_bytes().to_vec()));
+}
+
+#[tokio::test]
+async fn t20_batching_does_not_change_results_or_state() {
+    let module = module();
+    let all = entries(&HISTORY);
+    let mut one_by_one = Replica::new(&module);
+    let mut a = Vec::new();
+    for e in &all {
+        a.extend(one_by_one.apply(std::slice::from_ref(e)).await);
+    }
+    let mut batched = Replica::new(&module);
+    let mut b = batched.apply(&all[..4]).await;
+    b.extend(batched.apply(&all[4..]).await);
+    assert_eq!(a, b);
+    assert_eq!(one_by_one.digest().await, batched.digest().await);
+}
+
+#[tokio::test]
+async fn t30_trap_after_snapshot_rebuilds_from_snapshot_and_log() {
+    let module = module();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, mut sm) = open(&module, dir.path(), Vec::new()).expect("open");
+    let mut r = Replica {
+        _dir: tempfile::tempdir().expect("tempdir"),
+        log,
+        sm: sm.clone(),
+    };
+    let all = entries(&[
+        "add-10",
+        "add-1",
+        "add-then-trap-7",
+        "add-100",
+        "spin",
+        "add-1000",
+    ]);
+    r.apply(&all[..2]).await;
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("snapshot");
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
+    let res = r.apply(&all[2..]).await;
+    assert!(res[0].is_err() && res[2].is_err(), "{res:?}");
+    assert_eq!(res[1], Ok("111".to_string()));
+    assert_eq!(res[3], Ok("1111".to_string()));
+    assert_eq!(r.counter().await, "1111");
+
+    // A restart restores the snapshot (11); openraft then re-applies the log after it.
+    drop(r);
+    drop(sm);
+    let (_log2, sm2) = open(&module, dir.path(), Vec::new()).expect("reopen");
+    assert_eq!(sm2.query(b"get".to_vec()).await.expect("query"), b"11");
+    let applied = sm2.applied().await.expect("applied");
+    assert_eq!(applied.last_applied.map(|l| l.index), Some(2));
+}
+
+#[tokio::test]
+async fn t40_guest_refusing_its_settings_stops_start_up() {
+    let module = module();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = open(&module, dir.path(), vec![("fail-init".into(), "1".into())])
+        .err()
+        .expect("init refusal must fail start-up");
+    assert!(format!("{err:#}").contains("init refused"), "{err:#}");
+}
+
+#[test]
+fn t50_loading_rejects_what_is_not_a_state_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nope.wasm");
+    assert!(matches!(
+        GuestModule::load(&missing, limits()),
+        Err(LoadError::Missing { .. })
+    ));
+
+    let text = dir.path().join("text.wasm");
+    std::fs::write(&text, "not wasm at all").expect("write");
+    let e = GuestModule::load(&text, limits()).err().expect("must fail");
+    assert!(matches!(e, LoadError::NotComponent { .. }), "{e}");
+    assert!(e.to_string().contains("text.wasm"), "{e}");
+
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").expect("write");
+    let e = GuestModule::load(&core, limits()).err().expect("must fail");
+    assert!(e.to_string().contains("core module"), "{e}");
+
+    let truncated = dir.path().join("truncated.wasm");
+    let bytes = std::fs::read(guest("kvstore")).expect("read kvstore");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    assert!(matches!(
+        GuestModule::load(&truncated, limits()),
+        Err(LoadError::NotComponent { .. })
+    ));
+
+    let e = GuestModule::load(&guest("notfsm"), limits())
+        .err()
+        .expect("must fail");
+    assert!(matches!(e, LoadError::WrongContract { .. }), "{e}");
+    assert!(e.to_string().contains("state-machine"), "{e}");
+}
