@@ -80,6 +80,13 @@ fn main() {
                 .query(encode(Op::Get, key, b""), *stale)
                 .await
                 .map(Some),
+            Cmd::Propose { command } => {
+                client.propose(command.clone().into_bytes()).await.map(Some)
+            }
+            Cmd::Query { request, stale } => client
+                .query(request.clone().into_bytes(), *stale)
+                .await
+                .map(Some),
         }
     });
     match res {
