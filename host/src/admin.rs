@@ -95,10 +95,7 @@ pub async fn current_status(app: &App) -> Result<Status, String> {
         leader_id: m.current_leader,
         last_log_index: m.last_log_index.unwrap_or(0),
         last_applied: applied.last_applied.map_or(0, |l| l.index),
-        committed: m
-            .last_applied
-            .map_or(0, |l| l.index)
-            .max(applied.last_applied.map_or(0, |l| l.index)),
+        committed: m.last_applied.map_or(0, |l| l.index).max(applied.last_applied.map_or(0, |l| l.index)),
         snapshot_index: m.snapshot.map(|l| l.index),
         members: members(app),
         fsm_sha256: app.fsm_sha256.clone(),
@@ -119,37 +116,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut out = String::new();
     let gauges: [(&str, &str, u64); 6] = [
         ("term", "Current Raft term", m.current_term),
-        (
-            "last_log_index",
-            "Index of the last log entry",
-            m.last_log_index.unwrap_or(0),
-        ),
-        (
-            "applied_index",
-            "Index of the last applied entry",
-            m.last_applied.map_or(0, |l| l.index),
-        ),
-        (
-            "snapshot_index",
-            "Last index in the current snapshot",
-            m.snapshot.map_or(0, |l| l.index),
-        ),
-        (
-            "is_leader",
-            "1 on the leader",
-            u64::from(m.state == ServerState::Leader),
-        ),
-        (
-            "members",
-            "Members in the current configuration",
-            m.membership_config.membership().nodes().count() as u64,
-        ),
+        ("last_log_index", "Index of the last log entry", m.last_log_index.unwrap_or(0)),
+        ("applied_index", "Index of the last applied entry", m.last_applied.map_or(0, |l| l.index)),
+        ("snapshot_index", "Last index in the current snapshot", m.snapshot.map_or(0, |l| l.index)),
+        ("is_leader", "1 on the leader", u64::from(m.state == ServerState::Leader)),
+        ("members", "Members in the current configuration", m.membership_config.membership().nodes().count() as u64),
     ];
     for (name, help, v) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} gauge\nwasm_raft_{name} {v}"
-        );
+        let _ = writeln!(out, "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} gauge\nwasm_raft_{name} {v}");
     }
     app.metrics.render(&mut out);
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
@@ -193,44 +167,19 @@ pub fn config_sha256(config: &[(String, String)]) -> String {
 
 fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
     let ok = code.is_success();
-    (
-        code,
-        Json(JoinReply {
-            ok,
-            message: message.into(),
-            leader_admin,
-        }),
-    )
-        .into_response()
+    (code, Json(JoinReply { ok, message: message.into(), leader_admin })).into_response()
 }
 
-async fn join(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let req: JoinRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                format!("malformed join request: {e}"),
-                None,
-            )
-        }
+        Err(e) => return reply(StatusCode::BAD_REQUEST, format!("malformed join request: {e}"), None),
     };
     if !app.token.is_empty() {
-        let given = headers
-            .get(TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         if given != app.token {
             tracing::warn!(node = req.id, "join refused: wrong cluster token");
-            return reply(
-                StatusCode::UNAUTHORIZED,
-                "wrong or missing cluster token",
-                None,
-            );
+            return reply(StatusCode::UNAUTHORIZED, "wrong or missing cluster token", None);
         }
     }
     if req.fsm_sha256 != app.fsm_sha256 {
@@ -256,15 +205,8 @@ async fn join(
     }
     let m = app.raft.metrics().borrow().clone();
     if m.current_leader != Some(app.id) {
-        let leader_admin = m
-            .current_leader
-            .and_then(|l| app.member(l))
-            .map(|n| n.admin_addr);
-        return reply(
-            StatusCode::MISDIRECTED_REQUEST,
-            "not the leader",
-            leader_admin,
-        );
+        let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
+        return reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin);
     }
     let node = Member {
         raft_addr: req.raft_addr.clone(),
@@ -286,19 +228,9 @@ async fn join(
             tracing::info!(node = req.id, %node, "adding learner");
             // Blocking: returns once the learner has caught up, so promoting it next does
             // not stall commits behind a slow new voter.
-            match tokio::time::timeout(
-                Duration::from_secs(120),
-                app.raft.add_learner(req.id, node.clone(), true),
-            )
-            .await
+            match tokio::time::timeout(Duration::from_secs(120), app.raft.add_learner(req.id, node.clone(), true)).await
             {
-                Err(_) => {
-                    return reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "learner still catching up; retry",
-                        None,
-                    )
-                }
+                Err(_) => return reply(StatusCode::SERVICE_UNAVAILABLE, "learner still catching up; retry", None),
                 Ok(Err(e)) => return membership_error(&app, &e),
                 Ok(Ok(_)) => {}
             }
@@ -314,29 +246,15 @@ async fn join(
     reply(StatusCode::OK, format!("node {} is a member", req.id), None)
 }
 
-fn membership_error(
-    app: &App,
-    e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>,
-) -> Response {
+fn membership_error(app: &App, e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Response {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            let leader_admin = f
-                .leader_id
-                .and_then(|l| app.member(l))
-                .map(|n| n.admin_addr);
-            reply(
-                StatusCode::MISDIRECTED_REQUEST,
-                "not the leader",
-                leader_admin,
-            )
+            let leader_admin = f.leader_id.and_then(|l| app.member(l)).map(|n| n.admin_addr);
+            reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin)
         }
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(
-            ChangeMembershipError::InProgress(_),
-        )) => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "another membership change is in progress; retry",
-            None,
-        ),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))) => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, "another membership change is in progress; retry", None)
+        }
         other => reply(StatusCode::SERVICE_UNAVAILABLE, other.to_string(), None),
     }
 }
@@ -365,32 +283,21 @@ pub async fn post_json(
         s.read_to_end(&mut resp).await?;
         parse_response(&resp)
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("{addr}{path} timed out"),
-        )
-    })?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}{path} timed out")))?
 }
 
 fn parse_response(resp: &[u8]) -> std::io::Result<(u16, String)> {
     let text = String::from_utf8_lossy(resp);
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(bad)?;
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
+    let body = if chunked { dechunk(body) } else { body.to_string() };
     Ok((code, body))
 }
 
@@ -416,15 +323,9 @@ mod tests {
     #[test]
     fn parses_plain_and_chunked_responses() {
         let plain = b"HTTP/1.1 409 Conflict\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(
-            parse_response(plain).expect("parse"),
-            (409, "hello".to_string())
-        );
+        assert_eq!(parse_response(plain).expect("parse"), (409, "hello".to_string()));
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_response(chunked).expect("parse"),
-            (200, "abcde".to_string())
-        );
+        assert_eq!(parse_response(chunked).expect("parse"), (200, "abcde".to_string()));
         assert!(parse_response(b"garbage").is_err());
     }
 
@@ -435,9 +336,6 @@ mod tests {
         let c = config_sha256(&[("a".into(), "1b".into()), ("".into(), "2".into())]);
         assert_ne!(a, b);
         assert_ne!(a, c);
-        assert_eq!(
-            a,
-            config_sha256(&[("a".into(), "1".into()), ("b".into(), "2".into())])
-        );
+        assert_eq!(a, config_sha256(&[("a".into(), "1".into()), ("b".into(), "2".into())]));
     }
 }

@@ -59,9 +59,7 @@ impl Conn {
     async fn open(addr: &str, max_frame: usize) -> std::io::Result<Conn> {
         let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         let _ = stream.set_nodelay(true);
         let (rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<ClientRequest>();
@@ -90,13 +88,8 @@ impl Conn {
             tokio::spawn(async move {
                 let mut rd = BufReader::new(rd);
                 let mut buf = Vec::new();
-                while let Ok(resp) =
-                    read_frame::<ClientResponse, _>(&mut rd, max_frame, &mut buf).await
-                {
-                    let waiter = pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&resp.id);
+                while let Ok(resp) = read_frame::<ClientResponse, _>(&mut rd, max_frame, &mut buf).await {
+                    let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&resp.id);
                     if let Some(w) = waiter {
                         let _ = w.send(resp);
                     }
@@ -106,12 +99,7 @@ impl Conn {
                 pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
             });
         }
-        Ok(Conn {
-            addr: addr.to_string(),
-            tx,
-            pending,
-            alive,
-        })
+        Ok(Conn { addr: addr.to_string(), tx, pending, alive })
     }
 
     async fn request(&self, req: ClientRequest) -> Result<ClientResponse, Lost> {
@@ -120,15 +108,9 @@ impl Conn {
         }
         let (tx, rx) = oneshot::channel();
         let id = req.id;
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
         if self.tx.send(req).is_err() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             return Err(Lost::NotSent);
         }
         rx.await.map_err(|_| Lost::Sent)
@@ -221,12 +203,7 @@ impl Client {
         }
     }
 
-    async fn call(
-        &self,
-        kind: RequestKind,
-        payload: Vec<u8>,
-        stale_ok: bool,
-    ) -> Result<Vec<u8>, ClientError> {
+    async fn call(&self, kind: RequestKind, payload: Vec<u8>, stale_ok: bool) -> Result<Vec<u8>, ClientError> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut last_error = String::from("no member answered");
@@ -266,8 +243,7 @@ impl Client {
                 Ok(Code::UnknownOutcome) => return Err(ClientError::UnknownOutcome(resp.error)),
                 Ok(Code::BadRequest) => return Err(ClientError::BadRequest(resp.error)),
                 Ok(Code::NotLeader) => {
-                    let leader = (!resp.leader.is_empty() && resp.leader != conn.addr)
-                        .then_some(resp.leader);
+                    let leader = (!resp.leader.is_empty() && resp.leader != conn.addr).then_some(resp.leader);
                     if leader.is_none() {
                         // An election is under way (or we were sent to ourselves): wait.
                         tokio::time::sleep(backoff).await;
@@ -284,12 +260,7 @@ impl Client {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Err(_) => {
-                    return Err(ClientError::BadRequest(format!(
-                        "unknown response code {}",
-                        resp.code
-                    )))
-                }
+                Err(_) => return Err(ClientError::BadRequest(format!("unknown response code {}", resp.code))),
             }
         }
         Err(ClientError::Unavailable(last_error))
@@ -318,10 +289,6 @@ pub mod kv {
     }
 
     pub fn encode(op: Op, key: &str, value: &[u8]) -> Vec<u8> {
-        prost::Message::encode_to_vec(&Command {
-            op: op as i32,
-            key: key.to_string(),
-            value: value.to_vec(),
-        })
+        prost::Message::encode_to_vec(&Command { op: op as i32, key: key.to_string(), value: value.to_vec() })
     }
 }

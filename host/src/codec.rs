@@ -70,12 +70,7 @@ mod tests {
 
     #[tokio::test]
     async fn roundtrip_and_limits() {
-        let req = ClientRequest {
-            id: 7,
-            kind: 1,
-            payload: b"get-1".to_vec(),
-            stale_ok: false,
-        };
+        let req = ClientRequest { id: 7, kind: 1, payload: b"get-1".to_vec(), stale_ok: false };
         let mut wire = Vec::new();
         encode_frame(&req, &mut wire);
         encode_frame(&req, &mut wire);
@@ -85,10 +80,7 @@ mod tests {
             let got: ClientRequest = read_frame(&mut r, 1024, &mut buf).await.expect("frame");
             assert_eq!(got, req);
         }
-        assert!(matches!(
-            read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await,
-            Err(FrameError::Closed)
-        ));
+        assert!(matches!(read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await, Err(FrameError::Closed)));
 
         let mut r = wire.as_slice();
         assert!(matches!(
@@ -98,17 +90,11 @@ mod tests {
 
         // A truncated frame is an I/O error, not a clean close.
         let mut r = &wire[..wire.len() / 2 - 1];
-        assert!(matches!(
-            read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await,
-            Err(FrameError::Io(_))
-        ));
+        assert!(matches!(read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await, Err(FrameError::Io(_))));
 
         // Garbage that is not a valid message is a decode error.
         let garbage = [0u8, 0, 0, 3, 0xff, 0xff, 0xff];
         let mut r = &garbage[..];
-        assert!(matches!(
-            read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await,
-            Err(FrameError::Decode(_))
-        ));
+        assert!(matches!(read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await, Err(FrameError::Decode(_))));
     }
 }

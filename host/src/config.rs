@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug, Clone)]
-#[command(
-    name = "host",
-    version,
-    about = "Raft node running a WebAssembly state-machine guest"
-)]
+#[command(name = "host", version, about = "Raft node running a WebAssembly state-machine guest")]
 pub struct Opts {
     /// The guest component (.wasm) implementing wit/fsm.wit.
     #[arg(long, env = "HOST_FSM")]
@@ -91,7 +87,13 @@ pub struct Opts {
     #[arg(long, env = "HOST_PROPOSAL_TIMEOUT_MS", default_value_t = 10_000)]
     pub proposal_timeout_ms: u64,
 
-    /// Largest frame accepted on the client and peer ports.
+    /// Proposal batches in flight (handed to Raft, not yet applied). New proposals
+    /// gather into the next batch meanwhile: 1 maximises batching, more overlaps the
+    /// leader's fsync with replication.
+    #[arg(long, env = "HOST_MAX_INFLIGHT_BATCHES", default_value_t = 1)]
+    pub max_inflight_batches: usize,
+
+    /// Largest frame accepted on the client port.
     #[arg(long, env = "HOST_MAX_FRAME_BYTES", default_value_t = crate::codec::DEFAULT_MAX_FRAME)]
     pub max_frame_bytes: usize,
 
@@ -109,9 +111,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 impl Opts {
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("./data/node-{}", self.id)))
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("./data/node-{}", self.id)))
     }
 
     /// The address peers and clients should use for a bound address.
@@ -129,32 +129,18 @@ mod tests {
 
     #[test]
     fn defaults_and_kv_settings() {
-        let o = Opts::try_parse_from([
-            "host",
-            "--fsm",
-            "x.wasm",
-            "--fsm-config",
-            "a=1",
-            "--fsm-config",
-            "b=x=y",
-        ])
-        .expect("parse");
+        let o = Opts::try_parse_from(["host", "--fsm", "x.wasm", "--fsm-config", "a=1", "--fsm-config", "b=x=y"])
+            .expect("parse");
         assert_eq!(o.id, 1);
         assert_eq!(o.data_dir(), PathBuf::from("./data/node-1"));
-        assert_eq!(
-            o.fsm_config,
-            vec![("a".into(), "1".into()), ("b".into(), "x=y".into())]
-        );
-        assert!(
-            Opts::try_parse_from(["host", "--fsm", "x.wasm", "--fsm-config", "novalue"]).is_err()
-        );
+        assert_eq!(o.fsm_config, vec![("a".into(), "1".into()), ("b".into(), "x=y".into())]);
+        assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--fsm-config", "novalue"]).is_err());
         assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--bogus"]).is_err());
     }
 
     #[test]
     fn advertise_keeps_the_port() {
-        let o = Opts::try_parse_from(["host", "--fsm", "x", "--advertise-host", "node2"])
-            .expect("parse");
+        let o = Opts::try_parse_from(["host", "--fsm", "x", "--advertise-host", "node2"]).expect("parse");
         assert_eq!(o.advertised("0.0.0.0:12000"), "node2:12000");
     }
 }

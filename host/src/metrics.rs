@@ -32,8 +32,7 @@ impl Metrics {
             }
         }
         self.apply_count.fetch_add(1, Ordering::Relaxed);
-        self.apply_sum_ns
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.apply_sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     pub fn applied_commands(&self) -> u64 {
@@ -43,48 +42,17 @@ impl Metrics {
     /// Render our counters; `raft` lines (already formatted) are prepended by the caller.
     pub fn render(&self, out: &mut String) {
         let counters: [(&str, &str, &AtomicU64); 8] = [
-            (
-                "proposals_total",
-                "Commands proposed through this member",
-                &self.proposals,
-            ),
-            (
-                "proposal_errors_total",
-                "Proposals that failed (not guest errors)",
-                &self.proposal_errors,
-            ),
+            ("proposals_total", "Commands proposed through this member", &self.proposals),
+            ("proposal_errors_total", "Proposals that failed (not guest errors)", &self.proposal_errors),
             ("queries_total", "Read queries served", &self.queries),
-            (
-                "query_errors_total",
-                "Read queries that failed",
-                &self.query_errors,
-            ),
-            (
-                "redirects_total",
-                "Requests answered with the leader's address",
-                &self.redirects,
-            ),
-            (
-                "bad_requests_total",
-                "Malformed frames or requests received",
-                &self.bad_requests,
-            ),
-            (
-                "guest_errors_total",
-                "Entries for which the guest returned an error result",
-                &self.guest_errors,
-            ),
-            (
-                "guest_traps_total",
-                "Guest traps (including out of fuel)",
-                &self.guest_traps,
-            ),
+            ("query_errors_total", "Read queries that failed", &self.query_errors),
+            ("redirects_total", "Requests answered with the leader's address", &self.redirects),
+            ("bad_requests_total", "Malformed frames or requests received", &self.bad_requests),
+            ("guest_errors_total", "Entries for which the guest returned an error result", &self.guest_errors),
+            ("guest_traps_total", "Guest traps (including out of fuel)", &self.guest_traps),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} counter"
-            );
+            let _ = writeln!(out, "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} counter");
             let _ = writeln!(out, "wasm_raft_{name} {}", v.load(Ordering::Relaxed));
         }
         let _ = writeln!(
@@ -101,11 +69,7 @@ impl Metrics {
         }
         let count = self.apply_count.load(Ordering::Relaxed);
         let _ = writeln!(out, "wasm_raft_apply_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "wasm_raft_apply_seconds_sum {}",
-            self.apply_sum_ns.load(Ordering::Relaxed) as f64 / 1e9
-        );
+        let _ = writeln!(out, "wasm_raft_apply_seconds_sum {}", self.apply_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
         let _ = writeln!(out, "wasm_raft_apply_seconds_count {count}");
     }
 }
@@ -121,18 +85,9 @@ mod tests {
         m.observe_apply(Duration::from_micros(30));
         let mut s = String::new();
         m.render(&mut s);
-        assert!(
-            s.contains("wasm_raft_apply_seconds_bucket{le=\"0.000002\"} 0"),
-            "{s}"
-        );
-        assert!(
-            s.contains("wasm_raft_apply_seconds_bucket{le=\"0.000005\"} 1"),
-            "{s}"
-        );
-        assert!(
-            s.contains("wasm_raft_apply_seconds_bucket{le=\"0.00005\"} 2"),
-            "{s}"
-        );
+        assert!(s.contains("wasm_raft_apply_seconds_bucket{le=\"0.000002\"} 0"), "{s}");
+        assert!(s.contains("wasm_raft_apply_seconds_bucket{le=\"0.000005\"} 1"), "{s}");
+        assert!(s.contains("wasm_raft_apply_seconds_bucket{le=\"0.00005\"} 2"), "{s}");
         assert!(s.contains("wasm_raft_apply_seconds_count 2"), "{s}");
     }
 }

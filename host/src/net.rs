@@ -7,13 +7,11 @@
 
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::BufStream;
@@ -30,8 +28,13 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftErro
 pub struct Network {
     pub id: NodeId,
     pub token: String,
-    pub max_frame: usize,
 }
+
+/// Frame limits on the peer port. Before the hello is accepted the other side is a
+/// stranger, so its frame must be tiny; after it, frames carry up to `max_payload_entries`
+/// batches of about 1 MiB each, or a 1 MiB snapshot chunk.
+const HELLO_MAX_FRAME: usize = 64 * 1024;
+const PEER_MAX_FRAME: usize = 256 * 1024 * 1024;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -42,7 +45,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft_addr.clone(),
             token: self.token.clone(),
-            max_frame: self.max_frame,
             conn: None,
             buf: Vec::new(),
         }
@@ -54,7 +56,6 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     token: String,
-    max_frame: usize,
     conn: Option<BufStream<TcpStream>>,
     buf: Vec<u8>,
 }
@@ -80,48 +81,31 @@ impl PeerClient {
                 .map_err(|e| Transport::Unreachable(format!("connect {}: {e}", self.addr)))?;
             let _ = stream.set_nodelay(true);
             let mut stream = BufStream::new(stream);
-            let hello = PeerHello {
-                token: self.token.clone(),
-                from: self.id,
-            };
-            let req = PeerRequest {
-                kind: PeerKind::Hello as i32,
-                payload: prost::Message::encode_to_vec(&hello),
-            };
+            let hello = PeerHello { token: self.token.clone(), from: self.id };
+            let req = PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello) };
             write_frame(&mut stream, &req)
                 .await
                 .map_err(|e| Transport::Unreachable(format!("hello to {}: {e}", self.addr)))?;
-            let resp: PeerResponse = read_frame(&mut stream, self.max_frame, &mut self.buf)
+            let resp: PeerResponse = read_frame(&mut stream, HELLO_MAX_FRAME, &mut self.buf)
                 .await
                 .map_err(|e| Transport::Unreachable(format!("hello to {}: {e}", self.addr)))?;
             if !resp.refused.is_empty() {
-                return Err(Transport::Unreachable(format!(
-                    "{} refused us: {}",
-                    self.addr, resp.refused
-                )));
+                return Err(Transport::Unreachable(format!("{} refused us: {}", self.addr, resp.refused)));
             }
             self.conn = Some(stream);
         }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| Transport::Unreachable("no connection".into()))
+        self.conn.as_mut().ok_or_else(|| Transport::Unreachable("no connection".into()))
     }
 
     async fn roundtrip(&mut self, kind: PeerKind, payload: Vec<u8>) -> Result<Vec<u8>, Transport> {
-        let max = self.max_frame;
+        let max = PEER_MAX_FRAME;
         let mut buf = std::mem::take(&mut self.buf);
         let res = async {
             let conn = self.connect().await?;
-            let req = PeerRequest {
-                kind: kind as i32,
-                payload,
-            };
-            write_frame(conn, &req)
-                .await
-                .map_err(|e| Transport::Broken(e.to_string()))?;
-            let resp: PeerResponse = read_frame(conn, max, &mut buf)
-                .await
-                .map_err(|e| Transport::Broken(e.to_string()))?;
+            let req = PeerRequest { kind: kind as i32, payload };
+            write_frame(conn, &req).await.map_err(|e| Transport::Broken(e.to_string()))?;
+            let resp: PeerResponse =
+                read_frame(conn, max, &mut buf).await.map_err(|e| Transport::Broken(e.to_string()))?;
             if resp.refused.is_empty() {
                 Ok(resp.payload)
             } else {
@@ -145,8 +129,7 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let payload =
-            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let res = match tokio::time::timeout(ttl, self.roundtrip(kind, payload)).await {
             Ok(r) => r,
             Err(_) => Err(Transport::Timeout),
@@ -159,20 +142,16 @@ impl PeerClient {
                 return Err(match e {
                     Transport::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
                     Transport::Broken(_) => RPCError::Network(NetworkError::new(&e)),
-                    Transport::Timeout => RPCError::Timeout(Timeout {
-                        action,
-                        id: self.id,
-                        target: self.target,
-                        timeout: ttl,
-                    }),
+                    Transport::Timeout => {
+                        RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: ttl })
+                    }
                 });
             }
         };
-        let resp: Result<Resp, RaftError<NodeId, E>> =
-            bincode::deserialize(&bytes).map_err(|e| {
-                self.conn = None;
-                RPCError::Network(NetworkError::new(&e))
-            })?;
+        let resp: Result<Resp, RaftError<NodeId, E>> = bincode::deserialize(&bytes).map_err(|e| {
+            self.conn = None;
+            RPCError::Network(NetworkError::new(&e))
+        })?;
         resp.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -183,13 +162,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(
-            PeerKind::AppendEntries,
-            RPCTypes::AppendEntries,
-            &rpc,
-            option.hard_ttl(),
-        )
-        .await
+        self.call(PeerKind::AppendEntries, RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await
     }
 
     async fn install_snapshot(
@@ -197,27 +170,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(
-            PeerKind::InstallSnapshot,
-            RPCTypes::InstallSnapshot,
-            &rpc,
-            option.hard_ttl(),
-        )
-        .await
+        self.call(PeerKind::InstallSnapshot, RPCTypes::InstallSnapshot, &rpc, option.hard_ttl()).await
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        self.call(PeerKind::Vote, RPCTypes::Vote, &rpc, option.hard_ttl())
-            .await
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call(PeerKind::Vote, RPCTypes::Vote, &rpc, option.hard_ttl()).await
     }
 }
 
 /// Accept peer connections until the listener is dropped with the task.
-pub async fn serve(listener: TcpListener, raft: Raft, token: String, max_frame: usize) {
+pub async fn serve(listener: TcpListener, raft: Raft, token: String) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -231,54 +193,32 @@ pub async fn serve(listener: TcpListener, raft: Raft, token: String, max_frame: 
         let raft = raft.clone();
         let token = token.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(stream, &raft, &token, max_frame).await {
+            if let Err(e) = serve_conn(stream, &raft, &token).await {
                 tracing::debug!(%peer, error = %e, "peer connection closed");
             }
         });
     }
 }
 
-async fn serve_conn(
-    stream: TcpStream,
-    raft: &Raft,
-    token: &str,
-    max_frame: usize,
-) -> Result<(), FrameError> {
+async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str) -> Result<(), FrameError> {
     let mut stream = BufStream::new(stream);
     let mut buf = Vec::new();
-    let hello: PeerRequest = read_frame(&mut stream, max_frame, &mut buf).await?;
+    let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
     let ok = hello.kind == PeerKind::Hello as i32
-        && <PeerHello as prost::Message>::decode(hello.payload.as_slice())
-            .is_ok_and(|h| h.token == token);
+        && <PeerHello as prost::Message>::decode(hello.payload.as_slice()).is_ok_and(|h| h.token == token);
     if !ok {
-        let refused = if hello.kind == PeerKind::Hello as i32 {
-            "wrong cluster token"
-        } else {
-            "expected a hello frame first"
-        };
+        let refused =
+            if hello.kind == PeerKind::Hello as i32 { "wrong cluster token" } else { "expected a hello frame first" };
         tracing::warn!(refused, "refused a peer connection");
-        write_frame(
-            &mut stream,
-            &PeerResponse {
-                payload: Vec::new(),
-                refused: refused.into(),
-            },
-        )
-        .await?;
+        write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused: refused.into() }).await?;
         return Ok(());
     }
     write_frame(&mut stream, &PeerResponse::default()).await?;
     loop {
-        let req: PeerRequest = read_frame(&mut stream, max_frame, &mut buf).await?;
+        let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
         let resp = match dispatch(raft, &req).await {
-            Ok(payload) => PeerResponse {
-                payload,
-                refused: String::new(),
-            },
-            Err(why) => PeerResponse {
-                payload: Vec::new(),
-                refused: why,
-            },
+            Ok(payload) => PeerResponse { payload, refused: String::new() },
+            Err(why) => PeerResponse { payload: Vec::new(), refused: why },
         };
         write_frame(&mut stream, &resp).await?;
     }
@@ -296,9 +236,7 @@ async fn dispatch(raft: &Raft, req: &PeerRequest) -> Result<Vec<u8>, String> {
     match PeerKind::try_from(req.kind) {
         Ok(PeerKind::AppendEntries) => encode(&raft.append_entries(decode(&req.payload)?).await),
         Ok(PeerKind::Vote) => encode(&raft.vote(decode(&req.payload)?).await),
-        Ok(PeerKind::InstallSnapshot) => {
-            encode(&raft.install_snapshot(decode(&req.payload)?).await)
-        }
+        Ok(PeerKind::InstallSnapshot) => encode(&raft.install_snapshot(decode(&req.payload)?).await),
         Ok(PeerKind::Hello) | Err(_) => Err(format!("unexpected request kind {}", req.kind)),
     }
 }

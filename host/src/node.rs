@@ -87,25 +87,18 @@ fn check_identity(dir: &Path, ours: &Identity) -> Result<bool, StartError> {
                 .map_err(|e| StartError::Input(format!("cannot write {}: {e}", path.display())))?;
             Ok(false)
         }
-        Err(e) => Err(StartError::Input(format!(
-            "cannot read {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(StartError::Input(format!("cannot read {}: {e}", path.display()))),
     }
 }
 
 async fn bind(addr: &str, what: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| StartError::Input(format!("cannot listen on {addr} ({what}): {e}")))
+    TcpListener::bind(addr).await.map_err(|e| StartError::Input(format!("cannot listen on {addr} ({what}): {e}")))
 }
 
 /// Run a member until `shutdown` completes.
 pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let limits = Limits {
-        fuel_per_entry: opts.fuel_per_entry,
-        memory_bytes: opts.guest_memory_mb.saturating_mul(1 << 20),
-    };
+    let limits =
+        Limits { fuel_per_entry: opts.fuel_per_entry, memory_bytes: opts.guest_memory_mb.saturating_mul(1 << 20) };
     let module = Arc::new(GuestModule::load(&opts.fsm, limits)?);
     let data_dir = opts.data_dir();
     let identity = Identity {
@@ -151,16 +144,14 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         max_in_snapshot_log_to_keep: opts.keep_logs,
         snapshot_max_chunk_size: 1 << 20,
         purge_batch_size: 64,
+        // Entries are batches of up to ~1 MiB: keep one AppendEntries frame bounded.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()
     .map_err(|e| StartError::Input(format!("raft settings: {e}")))?;
 
-    let network = Network {
-        id: opts.id,
-        token: opts.cluster_token.clone().unwrap_or_default(),
-        max_frame: opts.max_frame_bytes,
-    };
+    let network = Network { id: opts.id, token: opts.cluster_token.clone().unwrap_or_default() };
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
@@ -181,15 +172,11 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         opts.cluster_token.clone().unwrap_or_default(),
         module.sha256().to_string(),
         opts.fsm_config.clone(),
+        opts.max_inflight_batches,
     ));
 
     let mut tasks = vec![
-        tokio::spawn(net::serve(
-            raft_l,
-            raft.clone(),
-            app.token.clone(),
-            opts.max_frame_bytes,
-        )),
+        tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone())),
         tokio::spawn(api::binary::serve(client_l, app.clone())),
         tokio::spawn(admin::serve(admin_l, app.clone())),
     ];
@@ -197,10 +184,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         tasks.push(tokio::spawn(api::text::serve(l, app.clone())));
     }
 
-    let initialized = raft
-        .is_initialized()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let initialized = raft.is_initialized().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if !initialized && opts.join.is_empty() {
         if existing {
             tracing::warn!("data dir exists but holds no membership; bootstrapping a new cluster");
@@ -274,9 +258,7 @@ async fn join_cluster(seeds: &[String], req: &JoinRequest, token: &str) -> Resul
                 let r: Option<JoinReply> = serde_json::from_str(&text).ok();
                 let msg = r.as_ref().map_or(text.clone(), |r| r.message.clone());
                 match code {
-                    401 | 409 | 400 => {
-                        return Err(format!("{addr} refused to add this node: {msg}"))
-                    }
+                    401 | 409 | 400 => return Err(format!("{addr} refused to add this node: {msg}")),
                     421 => next = r.and_then(|r| r.leader_admin),
                     _ => tracing::info!(via = %addr, code, %msg, "join not done yet; retrying"),
                 }

@@ -18,23 +18,22 @@ pub struct Member {
 
 impl fmt::Display for Member {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "raft={} admin={} client={}",
-            self.raft_addr, self.admin_addr, self.client_addr
-        )
+        write!(f, "raft={} admin={} client={}", self.raft_addr, self.admin_addr, self.client_addr)
     }
 }
 
-/// A client command, replicated verbatim and handed to the guest's `apply`.
+/// The payload of one log entry: client commands proposed together (group commit: one
+/// entry, one fsync, many commands). Each command reaches the guest separately, in order,
+/// under its own fuel budget, and gets its own result.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
-    pub command: Vec<u8>,
+    pub commands: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Request({} bytes)", self.command.len())
+        let bytes: usize = self.commands.iter().map(Vec::len).sum();
+        write!(f, "Request({} commands, {bytes} bytes)", self.commands.len())
     }
 }
 
@@ -44,19 +43,11 @@ impl fmt::Display for Request {
     }
 }
 
-/// The guest's result for one entry. `Err` is a replicated, deterministic outcome (the
-/// entry is committed), not a failure of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The guest's results for the commands of one entry, in order. An `Err` is a
+/// replicated, deterministic outcome (the command is committed), not a failure of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
-    pub result: Result<Vec<u8>, String>,
-}
-
-impl Response {
-    pub fn empty() -> Self {
-        Response {
-            result: Ok(Vec::new()),
-        }
-    }
+    pub results: Vec<Result<Vec<u8>, String>>,
 }
 
 // `declare_raft_types!` names `Cursor` in its defaults even when they are overridden.

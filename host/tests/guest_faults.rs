@@ -14,22 +14,14 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload};
 
 fn guest(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/build.sh first",
-        p.display()
-    );
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} missing: run scripts/build.sh first", p.display());
     p
 }
 
 fn limits() -> Limits {
-    Limits {
-        fuel_per_entry: 20_000_000,
-        memory_bytes: 64 << 20,
-    }
+    Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 }
 }
 
 struct Replica {
@@ -46,12 +38,7 @@ fn open(
     let log = LogStore::open(&dir.join("log"), true)?;
     let sm = StateMachine::open(
         &dir.join("snapshots"),
-        GuestSpec {
-            module: module.clone(),
-            config,
-            guest_dir: dir.join("guest"),
-            node: 1,
-        },
+        GuestSpec { module: module.clone(), config, guest_dir: dir.join("guest"), node: 1 },
         log.shared(),
         Arc::new(Metrics::default()),
     )?;
@@ -80,7 +67,8 @@ impl Replica {
             .await
             .expect("apply never fails the node")
             .into_iter()
-            .map(|r| r.result.map(|v| String::from_utf8_lossy(&v).into_owned()))
+            .flat_map(|r| r.results)
+            .map(|r| r.map(|v| String::from_utf8_lossy(&v).into_owned()))
             .collect()
     }
 
@@ -101,24 +89,13 @@ fn entries(commands: &[&str]) -> Vec<Entry> {
         .enumerate()
         .map(|(i, c)| Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
-            payload: EntryPayload::Normal(Request {
-                command: c.as_bytes().to_vec(),
-            }),
+            payload: EntryPayload::Normal(Request { commands: vec![c.as_bytes().to_vec()] }),
         })
         .collect()
 }
 
-const HISTORY: [&str; 9] = [
-    "add-5",
-    "add-then-trap-3",
-    "spin",
-    "add-1",
-    "grow",
-    "fail",
-    "add-then-trap-100",
-    "add-2",
-    "bogus",
-];
+const HISTORY: [&str; 9] =
+    ["add-5", "add-then-trap-3", "spin", "add-1", "grow", "fail", "add-then-trap-100", "add-2", "bogus"];
 
 fn module() -> Arc<GuestModule> {
     Arc::new(GuestModule::load(&guest("faulty"), limits()).expect("load faulty"))
@@ -134,17 +111,11 @@ async fn t10_faults_give_error_results_and_no_effect() {
     }
     assert_eq!(results[0], Ok("5".to_string()));
     for (i, why) in [(1, "trapped"), (2, "fuel"), (4, "trapped"), (6, "trapped")] {
-        let err = results[i]
-            .clone()
-            .expect_err("fault must be an error result");
+        let err = results[i].clone().expect_err("fault must be an error result");
         assert!(err.contains(why), "entry {}: {err}", i + 1);
         assert!(err.contains("no effect"), "{err}");
     }
-    assert_eq!(
-        results[3],
-        Ok("6".to_string()),
-        "the trapped add-3 left no trace"
-    );
+    assert_eq!(results[3], Ok("6".to_string()), "the trapped add-3 left no trace");
     assert_eq!(results[5], Err("requested failure".to_string()));
     assert_eq!(results[7], Ok("8".to_string()));
     assert!(results[8].is_err());
@@ -173,26 +144,10 @@ async fn t30_trap_after_snapshot_rebuilds_from_snapshot_and_log() {
     let module = module();
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, mut sm) = open(&module, dir.path(), Vec::new()).expect("open");
-    let mut r = Replica {
-        _dir: tempfile::tempdir().expect("tempdir"),
-        log,
-        sm: sm.clone(),
-    };
-    let all = entries(&[
-        "add-10",
-        "add-1",
-        "add-then-trap-7",
-        "add-100",
-        "spin",
-        "add-1000",
-    ]);
+    let mut r = Replica { _dir: tempfile::tempdir().expect("tempdir"), log, sm: sm.clone() };
+    let all = entries(&["add-10", "add-1", "add-then-trap-7", "add-100", "spin", "add-1000"]);
     r.apply(&all[..2]).await;
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("snapshot");
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
     let res = r.apply(&all[2..]).await;
     assert!(res[0].is_err() && res[2].is_err(), "{res:?}");
@@ -223,10 +178,7 @@ async fn t40_guest_refusing_its_settings_stops_start_up() {
 fn t50_loading_rejects_what_is_not_a_state_machine() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("nope.wasm");
-    assert!(matches!(
-        GuestModule::load(&missing, limits()),
-        Err(LoadError::Missing { .. })
-    ));
+    assert!(matches!(GuestModule::load(&missing, limits()), Err(LoadError::Missing { .. })));
 
     let text = dir.path().join("text.wasm");
     std::fs::write(&text, "not wasm at all").expect("write");
@@ -242,14 +194,9 @@ fn t50_loading_rejects_what_is_not_a_state_machine() {
     let truncated = dir.path().join("truncated.wasm");
     let bytes = std::fs::read(guest("kvstore")).expect("read kvstore");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
-    assert!(matches!(
-        GuestModule::load(&truncated, limits()),
-        Err(LoadError::NotComponent { .. })
-    ));
+    assert!(matches!(GuestModule::load(&truncated, limits()), Err(LoadError::NotComponent { .. })));
 
-    let e = GuestModule::load(&guest("notfsm"), limits())
-        .err()
-        .expect("must fail");
+    let e = GuestModule::load(&guest("notfsm"), limits()).err().expect("must fail");
     assert!(matches!(e, LoadError::WrongContract { .. }), "{e}");
     assert!(e.to_string().contains("state-machine"), "{e}");
 }

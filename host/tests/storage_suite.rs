@@ -12,14 +12,9 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 
 fn guest(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/build.sh first",
-        p.display()
-    );
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} missing: run scripts/build.sh first", p.display());
     p
 }
 
@@ -28,12 +23,7 @@ struct Builder {
 }
 
 fn io(e: impl ToString) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::Store,
-        ErrorVerb::Write,
-        openraft::AnyError::error(e.to_string()),
-    )
-    .into()
+    StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, openraft::AnyError::error(e.to_string())).into()
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
@@ -42,12 +32,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let log = LogStore::open(&dir.path().join("log"), true).map_err(io)?;
         let sm = StateMachine::open(
             &dir.path().join("snapshots"),
-            GuestSpec {
-                module: self.module.clone(),
-                config: Vec::new(),
-                guest_dir: dir.path().join("guest"),
-                node: 0,
-            },
+            GuestSpec { module: self.module.clone(), config: Vec::new(), guest_dir: dir.path().join("guest"), node: 0 },
             log.shared(),
             Arc::new(Metrics::default()),
         )
@@ -58,7 +43,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 
 #[test]
 fn t10_openraft_storage_suite() {
-    let module =
-        Arc::new(GuestModule::load(&guest("kvstore"), Limits::default()).expect("load kvstore"));
+    let module = Arc::new(GuestModule::load(&guest("kvstore"), Limits::default()).expect("load kvstore"));
     Suite::test_all(Builder { module }).expect("storage suite");
 }

@@ -61,11 +61,7 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
                 app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(?peer, error = %e, "bad frame from client");
                 let _ = tx
-                    .send(ClientResponse {
-                        code: Code::BadRequest as i32,
-                        error: e.to_string(),
-                        ..Default::default()
-                    })
+                    .send(ClientResponse { code: Code::BadRequest as i32, error: e.to_string(), ..Default::default() })
                     .await;
                 break;
             }

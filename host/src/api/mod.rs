@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
 use crate::client::Client;
 use crate::metrics::Metrics;
 use crate::proto::{ClientResponse, Code};
@@ -32,7 +34,16 @@ pub struct App {
     pub fsm_config: Vec<(String, String)>,
     /// Used by the text protocol to forward commands from a follower to the leader.
     forwarder: tokio::sync::OnceCell<Client>,
+    /// Into the batcher, which turns concurrent proposals into one log entry.
+    proposals: mpsc::Sender<Proposal>,
 }
+
+type Proposal = (Vec<u8>, oneshot::Sender<Outcome>);
+
+/// Bounds of one batch: small enough that an AppendEntries of many batches stays a
+/// reasonable frame, large enough to amortise an fsync over many commands.
+const MAX_BATCH_COMMANDS: usize = 1024;
+const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// What became of a request. Tells the caller whether the command may have taken effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +61,7 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn into_response(self, id: u64) -> ClientResponse {
-        let mut r = ClientResponse {
-            id,
-            ..Default::default()
-        };
+        let mut r = ClientResponse { id, ..Default::default() };
         match self {
             Outcome::Ok(v) => r.value = v,
             Outcome::GuestError(e) => (r.code, r.error) = (Code::GuestError as i32, e),
@@ -82,10 +90,14 @@ impl App {
         token: String,
         fsm_sha256: String,
         fsm_config: Vec<(String, String)>,
+        max_inflight_batches: usize,
     ) -> Self {
+        let (proposals, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
+        tokio::spawn(batcher(raft.clone(), rx, proposal_timeout, max_inflight_batches));
         App {
             id,
             me,
+            proposals,
             raft,
             sm,
             metrics,
@@ -109,9 +121,7 @@ impl App {
     where
         N: openraft::Node,
     {
-        f.leader_id
-            .and_then(|id| self.member(id))
-            .map(|m| m.client_addr)
+        f.leader_id.and_then(|id| self.member(id)).map(|m| m.client_addr)
     }
 
     /// Write through the log: answered once committed on a majority and applied here.
@@ -131,31 +141,11 @@ impl App {
     }
 
     async fn propose_inner(&self, command: Vec<u8>) -> Outcome {
-        let rx = match self.raft.client_write_ff(Request { command }).await {
-            Ok(rx) => rx,
-            Err(e) => return Outcome::Rejected(format!("member is stopping: {e}")),
-        };
-        match tokio::time::timeout(self.proposal_timeout, rx).await {
-            Err(_) => Outcome::Unknown(format!(
-                "not committed within {} ms",
-                self.proposal_timeout.as_millis()
-            )),
-            Ok(Err(_)) => {
-                Outcome::Unknown("the member stopped before the entry was applied".into())
-            }
-            Ok(Ok(Ok(resp))) => match resp.data.result {
-                Ok(v) => Outcome::Ok(v),
-                Err(e) => Outcome::GuestError(e),
-            },
-            // Either not the leader, or the entry was truncated by a new leader (so it was
-            // never committed): definite in both cases.
-            Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
-                Outcome::NotLeader(self.leader_client_addr(&f))
-            }
-            Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => {
-                Outcome::Rejected(e.to_string())
-            }
+        let (tx, rx) = oneshot::channel();
+        if self.proposals.send((command, tx)).await.is_err() {
+            return Outcome::Rejected("member is stopping".into());
         }
+        rx.await.unwrap_or_else(|_| Outcome::Unknown("the member stopped before the command was applied".into()))
     }
 
     /// A read. Linearizable unless `stale_ok`: leadership is confirmed with a quorum and the
@@ -163,17 +153,14 @@ impl App {
     pub async fn query(&self, request: Vec<u8>, stale_ok: bool) -> Outcome {
         self.metrics.queries.fetch_add(1, Ordering::Relaxed);
         if !stale_ok {
-            match tokio::time::timeout(self.proposal_timeout, self.raft.ensure_linearizable()).await
-            {
+            match tokio::time::timeout(self.proposal_timeout, self.raft.ensure_linearizable()).await {
                 Err(_) => return self.query_failed("could not confirm leadership in time".into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                     self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
                     return Outcome::NotLeader(self.leader_client_addr(&f));
                 }
-                Ok(Err(e)) => {
-                    return self.query_failed(format!("could not confirm leadership: {e}"))
-                }
+                Ok(Err(e)) => return self.query_failed(format!("could not confirm leadership: {e}")),
             }
         }
         match self.sm.query(request).await {
@@ -212,5 +199,85 @@ impl App {
             }
             other => other,
         }
+    }
+}
+
+/// Group commit. openraft 0.9 appends (and fsyncs) each proposal on its own before it
+/// looks at the next one, so proposals are gathered here into one entry per batch. At
+/// most `max_inflight` batches are between "handed to Raft" and "applied"; while they
+/// are, new proposals accumulate into the next batch, so batches grow with load and an
+/// idle cluster still answers a lone proposal at once.
+async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration, max_inflight: usize) {
+    let inflight = Arc::new(Semaphore::new(max_inflight.max(1)));
+    loop {
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut bytes = first.0.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.0.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (commands, waiters): (Vec<Vec<u8>>, Vec<oneshot::Sender<Outcome>>) = batch.into_iter().unzip();
+        let responder = match raft.client_write_ff(Request { commands }).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                for w in waiters {
+                    let _ = w.send(Outcome::Rejected(format!("member is stopping: {e}")));
+                }
+                continue;
+            }
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let outcome: Result<Vec<Result<Vec<u8>, String>>, Outcome> =
+                match tokio::time::timeout(timeout, responder).await {
+                    Err(_) => Err(Outcome::Unknown(format!("not committed within {} ms", timeout.as_millis()))),
+                    Ok(Err(_)) => Err(Outcome::Unknown("the member stopped before the entry was applied".into())),
+                    Ok(Ok(Ok(resp))) => Ok(resp.data.results),
+                    // Either not the leader, or the entry was truncated by a new leader (so it
+                    // was never committed): definite in both cases.
+                    Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
+                        let leader = f.leader_id.and_then(|id| {
+                            raft.metrics()
+                                .borrow()
+                                .membership_config
+                                .membership()
+                                .get_node(&id)
+                                .map(|m| m.client_addr.clone())
+                        });
+                        Err(Outcome::NotLeader(leader))
+                    }
+                    Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => Err(Outcome::Rejected(e.to_string())),
+                };
+            drop(permit);
+            match outcome {
+                Ok(results) => {
+                    let mut results = results.into_iter();
+                    for w in waiters {
+                        let o = match results.next() {
+                            Some(Ok(v)) => Outcome::Ok(v),
+                            Some(Err(e)) => Outcome::GuestError(e),
+                            None => Outcome::Unknown("no result for the command".into()),
+                        };
+                        let _ = w.send(o);
+                    }
+                }
+                Err(o) => {
+                    for w in waiters {
+                        let _ = w.send(o.clone());
+                    }
+                }
+            }
+        });
     }
 }

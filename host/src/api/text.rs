@@ -34,10 +34,7 @@ pub fn validate(line: &str) -> Result<(), String> {
     let key_ok = |rest: &str| !rest.is_empty() && !rest.starts_with('-');
     let ok = if let Some(rest) = line.strip_prefix("set-") {
         rest.split_once('-').is_some_and(|(k, _)| key_ok(k))
-    } else if let Some(rest) = line
-        .strip_prefix("get-")
-        .or_else(|| line.strip_prefix("delete-"))
-    {
+    } else if let Some(rest) = line.strip_prefix("get-").or_else(|| line.strip_prefix("delete-")) {
         key_ok(rest)
     } else {
         false
@@ -46,9 +43,7 @@ pub fn validate(line: &str) -> Result<(), String> {
         Ok(())
     } else {
         let shown: String = line.chars().take(64).collect();
-        Err(format!(
-            "unknown command {shown:?} (expected set-K-V, get-K or delete-K)"
-        ))
+        Err(format!("unknown command {shown:?} (expected set-K-V, get-K or delete-K)"))
     }
 }
 
@@ -69,11 +64,7 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = match (&mut rd)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
+        let n = match (&mut rd).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
             Ok(n) => n,
             Err(_) => return,
         };
@@ -82,9 +73,7 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
         }
         if line.last() != Some(&b'\n') && n > MAX_LINE {
             app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-            let _ = wr
-                .write_all(format!("ERR: line longer than {MAX_LINE} bytes\n").as_bytes())
-                .await;
+            let _ = wr.write_all(format!("ERR: line longer than {MAX_LINE} bytes\n").as_bytes()).await;
             return;
         }
         while matches!(line.last(), Some(b'\n' | b'\r')) {
@@ -130,13 +119,7 @@ mod tests {
     #[test]
     fn renders_outcomes_on_one_line() {
         assert_eq!(render(Outcome::Ok(b"a\nb".to_vec())), "OK: a\\nb");
-        assert_eq!(
-            render(Outcome::GuestError("key not found: 1".into())),
-            "ERR: key not found: 1"
-        );
-        assert_eq!(
-            render(Outcome::Unknown("timeout".into())),
-            "ERR: unknown outcome: timeout"
-        );
+        assert_eq!(render(Outcome::GuestError("key not found: 1".into())), "ERR: key not found: 1");
+        assert_eq!(render(Outcome::Unknown("timeout".into())), "ERR: unknown outcome: timeout");
     }
 }

@@ -8,19 +8,10 @@ use host::client::kv::{encode, Op};
 use host::client::{Client, ClientError};
 
 #[derive(Parser)]
-#[command(
-    name = "kv",
-    version,
-    about = "Client for a cluster running the kvstore guest"
-)]
+#[command(name = "kv", version, about = "Client for a cluster running the kvstore guest")]
 struct Args {
     /// Client addresses of members (any subset; the leader is found automatically).
-    #[arg(
-        long,
-        env = "KV_CLUSTER",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:11000"
-    )]
+    #[arg(long, env = "KV_CLUSTER", value_delimiter = ',', default_value = "127.0.0.1:11000")]
     cluster: Vec<String>,
     /// Give up after this many seconds of retrying (elections, unreachable members).
     #[arg(long, default_value_t = 20)]
@@ -54,10 +45,7 @@ enum Cmd {
 
 fn main() {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kv: {e}");
@@ -68,25 +56,11 @@ fn main() {
     client.deadline = std::time::Duration::from_secs(args.timeout);
     let res = rt.block_on(async {
         match &args.cmd {
-            Cmd::Set { key, value } => client
-                .propose(encode(Op::Set, key, value.as_bytes()))
-                .await
-                .map(|_| None),
-            Cmd::Delete { key } => client
-                .propose(encode(Op::Delete, key, b""))
-                .await
-                .map(|_| None),
-            Cmd::Get { key, stale } => client
-                .query(encode(Op::Get, key, b""), *stale)
-                .await
-                .map(Some),
-            Cmd::Propose { command } => {
-                client.propose(command.clone().into_bytes()).await.map(Some)
-            }
-            Cmd::Query { request, stale } => client
-                .query(request.clone().into_bytes(), *stale)
-                .await
-                .map(Some),
+            Cmd::Set { key, value } => client.propose(encode(Op::Set, key, value.as_bytes())).await.map(|_| None),
+            Cmd::Delete { key } => client.propose(encode(Op::Delete, key, b"")).await.map(|_| None),
+            Cmd::Get { key, stale } => client.query(encode(Op::Get, key, b""), *stale).await.map(Some),
+            Cmd::Propose { command } => client.propose(command.clone().into_bytes()).await.map(Some),
+            Cmd::Query { request, stale } => client.query(request.clone().into_bytes(), *stale).await.map(Some),
         }
     });
     match res {
@@ -95,11 +69,7 @@ fn main() {
         Err(e) => {
             eprintln!("kv: {e}");
             // 3 tells "may have been applied" apart from a definite failure (1).
-            std::process::exit(if matches!(e, ClientError::UnknownOutcome(_)) {
-                3
-            } else {
-                1
-            });
+            std::process::exit(if matches!(e, ClientError::UnknownOutcome(_)) { 3 } else { 1 });
         }
     }
 }

@@ -69,29 +69,17 @@ impl Instance {
         guest_dir: Option<&Path>,
         node: u64,
     ) -> Result<Self, GuestError> {
-        let wasi = wasi_ctx(guest_dir)
-            .map_err(|e| GuestError::Io(std::io::Error::other(format!("{e:#}"))))?;
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(module.limits.memory_bytes)
-            .trap_on_grow_failure(true)
-            .build();
+        let wasi = wasi_ctx(guest_dir).map_err(|e| GuestError::Io(std::io::Error::other(format!("{e:#}"))))?;
+        let limits =
+            StoreLimitsBuilder::new().memory_size(module.limits.memory_bytes).trap_on_grow_failure(true).build();
         let mut store = Store::new(
             module.engine(),
-            HostState {
-                wasi,
-                table: wasmtime::component::ResourceTable::new(),
-                limits,
-                node,
-            },
+            HostState { wasi, table: wasmtime::component::ResourceTable::new(), limits, node },
         );
         store.limiter(|s| &mut s.limits);
         store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
         let fsm = module.pre.instantiate(&mut store).map_err(|e| trap(&e))?;
-        let mut inst = Instance {
-            store,
-            fsm,
-            fuel_per_entry: module.limits.fuel_per_entry,
-        };
+        let mut inst = Instance { store, fsm, fuel_per_entry: module.limits.fuel_per_entry };
         inst.fsm
             .wasm_raft_fsm_state_machine()
             .call_init(&mut inst.store, config)
@@ -105,21 +93,12 @@ impl Instance {
         if let Err(e) = self.store.set_fuel(self.fuel_per_entry) {
             return ApplyOutcome::Trap(describe_trap(&e));
         }
-        let entry = sm::Entry {
-            index,
-            term,
-            command: command.to_vec(),
-        };
-        match self
-            .fsm
-            .wasm_raft_fsm_state_machine()
-            .call_apply(&mut self.store, &[entry])
-        {
+        let entry = sm::Entry { index, term, command: command.to_vec() };
+        match self.fsm.wasm_raft_fsm_state_machine().call_apply(&mut self.store, &[entry]) {
             Ok(mut results) if results.len() == 1 => ApplyOutcome::Result(results.remove(0)),
-            Ok(results) => ApplyOutcome::Trap(format!(
-                "contract violation: apply returned {} results for 1 entry",
-                results.len()
-            )),
+            Ok(results) => {
+                ApplyOutcome::Trap(format!("contract violation: apply returned {} results for 1 entry", results.len()))
+            }
             Err(e) => ApplyOutcome::Trap(describe_trap(&e)),
         }
     }
@@ -127,27 +106,15 @@ impl Instance {
     /// A read-only query, under the per-entry fuel budget (a client must not be able to
     /// stall the member with an expensive read).
     pub fn query(&mut self, request: &[u8]) -> Result<Result<Vec<u8>, String>, GuestError> {
-        self.store
-            .set_fuel(self.fuel_per_entry)
-            .map_err(|e| trap(&e))?;
-        self.fsm
-            .wasm_raft_fsm_state_machine()
-            .call_query(&mut self.store, request)
-            .map_err(|e| trap(&e))
+        self.store.set_fuel(self.fuel_per_entry).map_err(|e| trap(&e))?;
+        self.fsm.wasm_raft_fsm_state_machine().call_query(&mut self.store, request).map_err(|e| trap(&e))
     }
 
     pub fn digest(&mut self) -> Result<Vec<u8>, GuestError> {
         self.store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
-        let d = self
-            .fsm
-            .wasm_raft_fsm_state_machine()
-            .call_digest(&mut self.store)
-            .map_err(|e| trap(&e))?;
+        let d = self.fsm.wasm_raft_fsm_state_machine().call_digest(&mut self.store).map_err(|e| trap(&e))?;
         if d.len() > 64 {
-            return Err(GuestError::Trap(format!(
-                "contract violation: digest of {} bytes (at most 64)",
-                d.len()
-            )));
+            return Err(GuestError::Trap(format!("contract violation: digest of {} bytes (at most 64)", d.len())));
         }
         Ok(d)
     }
@@ -156,9 +123,7 @@ impl Instance {
     pub fn snapshot_to(&mut self, out: &mut impl Write, chunk: u32) -> Result<u64, GuestError> {
         self.store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
         let snap = self.fsm.wasm_raft_fsm_state_machine().snapshot();
-        let res = snap
-            .call_constructor(&mut self.store)
-            .map_err(|e| trap(&e))?;
+        let res = snap.call_constructor(&mut self.store).map_err(|e| trap(&e))?;
         let mut total = 0u64;
         let outcome = loop {
             match snap.call_read(&mut self.store, res, chunk) {
@@ -182,9 +147,7 @@ impl Instance {
     pub fn restore_from(&mut self, input: &mut impl Read, chunk: usize) -> Result<(), GuestError> {
         self.store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
         let rest = self.fsm.wasm_raft_fsm_state_machine().restore();
-        let res = rest
-            .call_constructor(&mut self.store)
-            .map_err(|e| trap(&e))?;
+        let res = rest.call_constructor(&mut self.store).map_err(|e| trap(&e))?;
         let mut buf = vec![0u8; chunk];
         let outcome = loop {
             let n = match input.read(&mut buf) {

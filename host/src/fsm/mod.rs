@@ -29,10 +29,7 @@ pub enum LoadError {
     #[error("{path}: no such file")]
     Missing { path: PathBuf },
     #[error("{path}: cannot read: {source}")]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreadable { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a WebAssembly component ({why}); build guests with `cargo build --target wasm32-wasip2`")]
     NotComponent { path: PathBuf, why: String },
     #[error("{path}: does not implement the wasm-raft:fsm state-machine contract: {why}")]
@@ -53,10 +50,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            fuel_per_entry: 100_000_000,
-            memory_bytes: 4 << 30,
-        }
+        Limits { fuel_per_entry: 100_000_000, memory_bytes: 4 << 30 }
     }
 }
 
@@ -72,13 +66,8 @@ pub struct GuestModule {
 impl GuestModule {
     pub fn load(path: &Path, limits: Limits) -> Result<Self, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => LoadError::Missing {
-                path: path.to_path_buf(),
-            },
-            _ => LoadError::Unreadable {
-                path: path.to_path_buf(),
-                source,
-            },
+            std::io::ErrorKind::NotFound => LoadError::Missing { path: path.to_path_buf() },
+            _ => LoadError::Unreadable { path: path.to_path_buf(), source },
         })?;
         Self::from_bytes(path, &bytes, limits)
     }
@@ -86,43 +75,24 @@ impl GuestModule {
     pub fn from_bytes(path: &Path, bytes: &[u8], limits: Limits) -> Result<Self, LoadError> {
         let path = path.to_path_buf();
         if !bytes.starts_with(b"\0asm") {
-            return Err(LoadError::NotComponent {
-                path,
-                why: "no WebAssembly header".into(),
-            });
+            return Err(LoadError::NotComponent { path, why: "no WebAssembly header".into() });
         }
         if wasmparser_is_core_module(bytes) {
-            return Err(LoadError::NotComponent {
-                path,
-                why: "it is a core module, not a component".into(),
-            });
+            return Err(LoadError::NotComponent { path, why: "it is a core module, not a component".into() });
         }
         let engine = engine().map_err(|e| LoadError::Engine(e.to_string()))?;
-        let component = Component::new(&engine, bytes).map_err(|e| LoadError::NotComponent {
-            path: path.clone(),
-            why: format!("{e:#}"),
-        })?;
+        let component = Component::new(&engine, bytes)
+            .map_err(|e| LoadError::NotComponent { path: path.clone(), why: format!("{e:#}") })?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .and_then(|()| bindings::Fsm::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s))
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let pre = linker
             .instantiate_pre(&component)
-            .map_err(|e| LoadError::WrongContract {
-                path: path.clone(),
-                why: format!("{e:#}"),
-            })?;
-        let pre = bindings::FsmPre::new(pre).map_err(|e| LoadError::WrongContract {
-            path: path.clone(),
-            why: format!("{e:#}"),
-        })?;
-        Ok(GuestModule {
-            engine,
-            pre,
-            sha256: hex::encode(Sha256::digest(bytes)),
-            path,
-            limits,
-        })
+            .map_err(|e| LoadError::WrongContract { path: path.clone(), why: format!("{e:#}") })?;
+        let pre = bindings::FsmPre::new(pre)
+            .map_err(|e| LoadError::WrongContract { path: path.clone(), why: format!("{e:#}") })?;
+        Ok(GuestModule { engine, pre, sha256: hex::encode(Sha256::digest(bytes)), path, limits })
     }
 
     /// Hex sha256 of the module bytes: the guest's identity across the cluster.
@@ -166,10 +136,7 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 

@@ -66,24 +66,10 @@ pub struct LogStore {
 }
 
 enum WriteOp {
-    Append {
-        records: Vec<u8>,
-        first: u64,
-        last: u64,
-        done: LogFlushed<TypeConfig>,
-    },
-    Truncate {
-        since: u64,
-        done: oneshot::Sender<io::Result<()>>,
-    },
-    Purge {
-        upto: LogId,
-        done: oneshot::Sender<io::Result<()>>,
-    },
-    Vote {
-        vote: Vote,
-        done: oneshot::Sender<io::Result<()>>,
-    },
+    Append { records: Vec<u8>, first: u64, last: u64, done: LogFlushed<TypeConfig> },
+    Truncate { since: u64, done: oneshot::Sender<io::Result<()>> },
+    Purge { upto: LogId, done: oneshot::Sender<io::Result<()>> },
+    Vote { vote: Vote, done: oneshot::Sender<io::Result<()>> },
     Committed(Option<LogId>),
 }
 
@@ -105,20 +91,10 @@ impl LogStore {
         let last_purged: Option<LogId> = read_small(&dir.join("purged"))?;
         let committed: Option<LogId> = read_small(&dir.join("committed")).unwrap_or(None);
         let (segments, entries, offsets) = load_segments(dir, last_purged)?;
-        let mem = Arc::new(Mutex::new(LogMem {
-            entries,
-            last_purged,
-        }));
+        let mem = Arc::new(Mutex::new(LogMem { entries, last_purged }));
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
-            dir: dir.to_path_buf(),
-            segments,
-            offsets,
-            fsync,
-        };
-        std::thread::Builder::new()
-            .name("log-writer".into())
-            .spawn(move || writer.run(&rx))?;
+        let writer = Writer { dir: dir.to_path_buf(), segments, offsets, fsync };
+        std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run(&rx))?;
         Ok(LogStore {
             mem,
             vote: Arc::new(Mutex::new(vote)),
@@ -137,9 +113,7 @@ impl LogStore {
     }
 
     fn send(&self, op: WriteOp) -> Result<(), StorageError> {
-        self.writer
-            .send(op)
-            .map_err(|_| write_err(&"log writer thread stopped"))
+        self.writer.send(op).map_err(|_| write_err(&"log writer thread stopped"))
     }
 
     async fn call(
@@ -150,23 +124,13 @@ impl LogStore {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx))?;
         rx.await
-            .map_err(|_| {
-                io_err(
-                    subject.clone(),
-                    ErrorVerb::Write,
-                    &"log writer thread stopped",
-                )
-            })?
+            .map_err(|_| io_err(subject.clone(), ErrorVerb::Write, &"log writer thread stopped"))?
             .map_err(|e| io_err(subject, ErrorVerb::Write, &e))
     }
 }
 
 fn entries_in<RB: RangeBounds<u64>>(mem: &SharedLog, range: RB) -> Vec<Entry> {
-    lock(mem)
-        .entries
-        .range(range)
-        .map(|(_, e)| e.clone())
-        .collect()
+    lock(mem).entries.range(range).map(|(_, e)| e.clone()).collect()
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -184,15 +148,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let mem = lock(&self.mem);
         let last_purged_log_id = mem.last_purged;
-        let last_log_id = mem
-            .entries
-            .last_key_value()
-            .map(|(_, e)| *e.get_log_id())
-            .or(last_purged_log_id);
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        let last_log_id = mem.entries.last_key_value().map(|(_, e)| *e.get_log_id()).or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -201,8 +158,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let v = *vote;
-        self.call(|done| WriteOp::Vote { vote: v, done }, ErrorSubject::Vote)
-            .await?;
+        self.call(|done| WriteOp::Vote { vote: v, done }, ErrorSubject::Vote).await?;
         *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
         Ok(())
     }
@@ -220,11 +176,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(*self.committed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -241,12 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         match range {
-            Some((first, last)) => self.send(WriteOp::Append {
-                records,
-                first,
-                last,
-                done: callback,
-            }),
+            Some((first, last)) => self.send(WriteOp::Append { records, first, last, done: callback }),
             None => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -256,14 +203,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         lock(&self.mem).entries.split_off(&log_id.index);
-        self.call(
-            |done| WriteOp::Truncate {
-                since: log_id.index,
-                done,
-            },
-            ErrorSubject::Logs,
-        )
-        .await
+        self.call(|done| WriteOp::Truncate { since: log_id.index, done }, ErrorSubject::Logs).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -273,11 +213,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             mem.entries = keep;
             mem.last_purged = Some(log_id);
         }
-        self.call(
-            |done| WriteOp::Purge { upto: log_id, done },
-            ErrorSubject::Logs,
-        )
-        .await
+        self.call(|done| WriteOp::Purge { upto: log_id, done }, ErrorSubject::Logs).await
     }
 }
 
@@ -298,8 +234,7 @@ fn decode_records<T: DeserializeOwned>(data: &[u8]) -> (Vec<(u64, T)>, usize) {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while data.len() - pos >= RECORD_HEADER {
-        let len =
-            u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
+        let len = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
         let crc = u32::from_be_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
         let body = pos + RECORD_HEADER;
         if data.len() - body < len || crc32fast::hash(&data[body..body + len]) != crc {
@@ -324,10 +259,7 @@ fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     let (mut records, _) = decode_records::<T>(&data);
     match records.pop() {
         Some((_, v)) => Ok(Some(v)),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is corrupt", path.display()),
-        )),
+        None => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is corrupt", path.display()))),
     }
 }
 
@@ -363,11 +295,7 @@ struct Segment {
     len: u64,
 }
 
-type Loaded = (
-    Vec<Segment>,
-    BTreeMap<u64, Entry>,
-    BTreeMap<u64, (u64, u64)>,
-);
+type Loaded = (Vec<Segment>, BTreeMap<u64, Entry>, BTreeMap<u64, (u64, u64)>);
 
 fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
     let mut firsts: Vec<u64> = fs::read_dir(dir)?
@@ -407,11 +335,7 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
                 entries.insert(index, entry);
             }
         }
-        segments.push(Segment {
-            first,
-            file,
-            len: valid as u64,
-        });
+        segments.push(Segment { first, file, len: valid as u64 });
     }
     Ok((segments, entries, offsets))
 }
@@ -434,12 +358,7 @@ impl Writer {
             // Drain whatever queued up meanwhile: that is the group in group commit.
             while let Some(op) = next.take().or_else(|| rx.try_recv().ok()) {
                 match op {
-                    WriteOp::Append {
-                        records,
-                        first,
-                        last,
-                        done,
-                    } => match self.append(&records, first, last) {
+                    WriteOp::Append { records, first, last, done } => match self.append(&records, first, last) {
                         Ok(()) => flushed.push(done),
                         Err(e) => done.log_io_completed(Err(e)),
                     },
@@ -471,10 +390,12 @@ impl Writer {
         if flushed.is_empty() {
             return;
         }
+        let t = std::time::Instant::now();
         let res = match self.segments.last() {
             Some(seg) if self.fsync => seg.file.sync_data(),
             _ => Ok(()),
         };
+        tracing::debug!(batches = flushed.len(), us = t.elapsed().as_micros() as u64, "log flushed");
         for done in flushed.drain(..) {
             done.log_io_completed(match &res {
                 Ok(()) => Ok(()),
@@ -497,11 +418,7 @@ impl Writer {
                 .truncate(true)
                 .open(self.dir.join(segment_name(first)))?;
             sync_dir(&self.dir)?;
-            self.segments.push(Segment {
-                first,
-                file,
-                len: 0,
-            });
+            self.segments.push(Segment { first, file, len: 0 });
         }
         let Some(seg) = self.segments.last_mut() else {
             return Err(io::Error::other("no segment"));
@@ -512,14 +429,8 @@ impl Writer {
         let mut pos = 0usize;
         let mut index = first;
         while pos < records.len() {
-            let len = u32::from_be_bytes([
-                records[pos],
-                records[pos + 1],
-                records[pos + 2],
-                records[pos + 3],
-            ]) as usize;
-            self.offsets
-                .insert(index, (seg.first, seg.len + pos as u64));
+            let len = u32::from_be_bytes([records[pos], records[pos + 1], records[pos + 2], records[pos + 3]]) as usize;
+            self.offsets.insert(index, (seg.first, seg.len + pos as u64));
             pos += RECORD_HEADER + len;
             index += 1;
         }
@@ -567,11 +478,7 @@ impl Writer {
     fn write_committed(&self, committed: Option<LogId>) -> io::Result<()> {
         let mut data = Vec::new();
         encode_record(&committed, &mut data).map_err(io::Error::other)?;
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join("committed"))?;
+        let f = OpenOptions::new().write(true).create(true).truncate(false).open(self.dir.join("committed"))?;
         f.write_all_at(&data, 0)?;
         f.set_len(data.len() as u64)
     }
@@ -586,9 +493,7 @@ mod tests {
     fn entry(term: u64, index: u64, cmd: &str) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(Request {
-                command: cmd.as_bytes().to_vec(),
-            }),
+            payload: EntryPayload::Normal(Request { command: cmd.as_bytes().to_vec() }),
         }
     }
 
@@ -610,12 +515,7 @@ mod tests {
         let got = store.try_get_log_entries(..).await.expect("read");
         assert_eq!(got.len(), 5);
         assert_eq!(got[4], entry(1, 5, "set-5-x"));
-        assert_eq!(
-            fs::metadata(dir.path().join(segment_name(1)))
-                .expect("meta")
-                .len(),
-            full as u64
-        );
+        assert_eq!(fs::metadata(dir.path().join(segment_name(1))).expect("meta").len(), full as u64);
     }
 
     #[tokio::test]
@@ -637,25 +537,19 @@ mod tests {
     async fn truncate_and_purge_persist() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let mut w = Writer {
-                dir: dir.path().to_path_buf(),
-                segments: Vec::new(),
-                offsets: BTreeMap::new(),
-                fsync: true,
-            };
+            let mut w =
+                Writer { dir: dir.path().to_path_buf(), segments: Vec::new(), offsets: BTreeMap::new(), fsync: true };
             // Three segments of 10 entries each, written through the writer itself.
             for seg in 0..3u64 {
                 let mut records = Vec::new();
                 for i in 1..=10 {
                     encode_record(&entry(1, seg * 10 + i, "x"), &mut records).expect("encode");
                 }
-                w.append(&records, seg * 10 + 1, seg * 10 + 10)
-                    .expect("append");
+                w.append(&records, seg * 10 + 1, seg * 10 + 10).expect("append");
                 w.segments.last_mut().expect("segment").len = SEGMENT_BYTES;
             }
             w.truncate(25).expect("truncate");
-            w.purge(LogId::new(CommittedLeaderId::new(1, 1), 12))
-                .expect("purge");
+            w.purge(LogId::new(CommittedLeaderId::new(1, 1), 12)).expect("purge");
             assert_eq!(w.segments.len(), 2, "segment 1..10 is gone");
         }
         let mut store = LogStore::open(dir.path(), true).expect("reopen");

@@ -36,8 +36,7 @@ use super::log::{sync_dir, SharedLog};
 use crate::fsm::{ApplyOutcome, GuestModule, Instance};
 use crate::metrics::Metrics;
 use crate::types::{
-    Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig,
+    Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
 const SNAP_MAGIC: &[u8; 8] = b"WRSNAP1\n";
@@ -60,37 +59,20 @@ pub struct Applied {
 }
 
 enum Op {
-    Apply(
-        Vec<Entry>,
-        oneshot::Sender<Result<Vec<Response>, StorageError>>,
-    ),
+    Apply(Vec<Entry>, oneshot::Sender<Result<Vec<Response>, StorageError>>),
     Query(Vec<u8>, oneshot::Sender<Result<Vec<u8>, String>>),
     Digest(oneshot::Sender<Result<Applied, String>>),
     AppliedState(oneshot::Sender<(Option<LogId>, StoredMembership)>),
     Build(oneshot::Sender<Result<SnapshotMeta, StorageError>>),
-    Install(
-        SnapshotMeta,
-        PathBuf,
-        oneshot::Sender<Result<(), StorageError>>,
-    ),
+    Install(SnapshotMeta, PathBuf, oneshot::Sender<Result<(), StorageError>>),
 }
 
 fn sm_err(verb: ErrorVerb, e: &impl ToString) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::StateMachine,
-        verb,
-        openraft::AnyError::error(e.to_string()),
-    )
-    .into()
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::error(e.to_string())).into()
 }
 
 fn snap_err(verb: ErrorVerb, e: &impl ToString) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::Snapshot(None),
-        verb,
-        openraft::AnyError::error(e.to_string()),
-    )
-    .into()
+    StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::error(e.to_string())).into()
 }
 
 /// Everything the worker needs to make instances.
@@ -104,12 +86,7 @@ pub struct GuestSpec {
 impl StateMachine {
     /// Start the worker: restore the current snapshot if there is one, else a fresh
     /// instance. Fails if the guest refuses its settings.
-    pub fn open(
-        dir: &Path,
-        spec: GuestSpec,
-        log: SharedLog,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, spec: GuestSpec, log: SharedLog, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         fs::create_dir_all(&spec.guest_dir)?;
         // Leftovers of interrupted transfers or builds.
@@ -131,27 +108,14 @@ impl StateMachine {
         };
         worker.start()?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("state-machine".into())
-            .spawn(move || worker.run(&rx))?;
-        Ok(StateMachine {
-            tx,
-            dir: dir.to_path_buf(),
-            receiving: Arc::default(),
-            seq: Arc::default(),
-        })
+        std::thread::Builder::new().name("state-machine".into()).spawn(move || worker.run(&rx))?;
+        Ok(StateMachine { tx, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default() })
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Op,
-    ) -> Result<T, StorageError> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, StorageError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .map_err(|_| sm_err(ErrorVerb::Write, &"state-machine thread stopped"))?;
-        rx.await
-            .map_err(|_| sm_err(ErrorVerb::Write, &"state-machine thread stopped"))
+        self.tx.send(make(tx)).map_err(|_| sm_err(ErrorVerb::Write, &"state-machine thread stopped"))?;
+        rx.await.map_err(|_| sm_err(ErrorVerb::Write, &"state-machine thread stopped"))
     }
 
     /// Run a read-only query on the local state. `Err` is the guest's error (or trap).
@@ -173,13 +137,9 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let meta = self.call(Op::Build).await??;
-        let file = tokio::fs::File::open(self.dir.join("current.snap"))
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+        let file =
+            tokio::fs::File::open(self.dir.join("current.snap")).await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
@@ -204,10 +164,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let path = self.dir.join(format!(
-            "receiving-{}.snap",
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = self.dir.join(format!("receiving-{}.snap", self.seq.fetch_add(1, Ordering::Relaxed)));
         let file = tokio::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -216,10 +173,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .open(&path)
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
-        self.receiving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(path);
+        self.receiving.lock().unwrap_or_else(|p| p.into_inner()).push(path);
         Ok(Box::new(file))
     }
 
@@ -228,21 +182,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        snapshot
-            .sync_all()
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
-        let ino = snapshot
-            .metadata()
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, &e))?
-            .ino();
+        snapshot.sync_all().await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        let ino = snapshot.metadata().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?.ino();
         // The file handle does not carry its path; find it among the files we created.
         let received = {
             let mut receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
-            let pos = receiving
-                .iter()
-                .position(|p| fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false));
+            let pos = receiving.iter().position(|p| fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false));
             pos.map(|i| receiving.remove(i))
         };
         let path = match received {
@@ -250,16 +195,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // A handle we did not hand out (e.g. one of our own snapshots): copy it.
             None => {
                 let mut copy = self.begin_receiving_snapshot().await?;
-                snapshot
-                    .rewind()
-                    .await
-                    .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-                tokio::io::copy(&mut *snapshot, &mut *copy)
-                    .await
-                    .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
-                copy.sync_all()
-                    .await
-                    .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+                snapshot.rewind().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                tokio::io::copy(&mut *snapshot, &mut *copy).await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+                copy.sync_all().await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
                 self.receiving
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -279,23 +217,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) => return Err(snap_err(ErrorVerb::Read, &e)),
         };
         let mut head = [0u8; 12];
-        file.read_exact(&mut head)
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        file.read_exact(&mut head).await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
         let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
         let mut meta = vec![0u8; len];
-        file.read_exact(&mut meta)
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        let meta: SnapshotMeta =
-            bincode::deserialize(&meta).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        file.rewind()
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        }))
+        file.read_exact(&mut meta).await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        let meta: SnapshotMeta = bincode::deserialize(&meta).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        file.rewind().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 
@@ -312,10 +240,7 @@ fn read_header(path: &Path) -> io::Result<(SnapshotMeta, BufReader<File>)> {
     let mut head = [0u8; 12];
     r.read_exact(&mut head)?;
     if &head[..8] != SNAP_MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: not a snapshot file", path.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: not a snapshot file", path.display())));
     }
     let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
     let mut meta = vec![0u8; len];
@@ -332,8 +257,8 @@ struct Worker {
     snapshot: Option<SnapshotMeta>,
     dir: PathBuf,
     log: SharedLog,
-    /// Entries after the current snapshot whose application trapped.
-    trapped: BTreeSet<u64>,
+    /// Commands (log index, position) after the current snapshot whose application trapped.
+    trapped: BTreeSet<(u64, usize)>,
     metrics: Arc<Metrics>,
 }
 
@@ -360,18 +285,8 @@ impl Worker {
     }
 
     fn fresh(&self) -> anyhow::Result<Instance> {
-        Instance::new(
-            &self.spec.module,
-            &self.spec.config,
-            Some(&self.spec.guest_dir),
-            self.spec.node,
-        )
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "guest {} refused to start: {e}",
-                self.spec.module.path().display()
-            )
-        })
+        Instance::new(&self.spec.module, &self.spec.config, Some(&self.spec.guest_dir), self.spec.node)
+            .map_err(|e| anyhow::anyhow!("guest {} refused to start: {e}", self.spec.module.path().display()))
     }
 
     fn run(mut self, rx: &mpsc::Receiver<Op>) {
@@ -401,12 +316,10 @@ impl Worker {
 
     fn instance(&mut self) -> Result<&mut Instance, StorageError> {
         if self.inst.is_none() {
-            let upto = self.last_applied.map_or(0, |l| l.index);
-            self.rebuild(upto)?;
+            let next = self.last_applied.map_or(0, |l| l.index + 1);
+            self.rebuild((next, 0))?;
         }
-        self.inst
-            .as_mut()
-            .ok_or_else(|| sm_err(ErrorVerb::Write, &"no guest instance"))
+        self.inst.as_mut().ok_or_else(|| sm_err(ErrorVerb::Write, &"no guest instance"))
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Response>, StorageError> {
@@ -414,38 +327,17 @@ impl Worker {
         for entry in entries {
             let log_id = entry.log_id;
             let resp = match entry.payload {
-                EntryPayload::Blank => Response::empty(),
+                EntryPayload::Blank => Response::default(),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(log_id), m);
-                    Response::empty()
+                    Response::default()
                 }
                 EntryPayload::Normal(req) => {
-                    let started = Instant::now();
-                    let outcome =
-                        self.instance()?
-                            .apply(log_id.index, log_id.leader_id.term, &req.command);
-                    self.metrics.observe_apply(started.elapsed());
-                    match outcome {
-                        ApplyOutcome::Result(r) => {
-                            if r.is_err() {
-                                self.metrics.guest_errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Response { result: r }
-                        }
-                        ApplyOutcome::Trap(why) => {
-                            self.metrics.guest_traps.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(index = log_id.index, %why, "guest trapped; rebuilding its instance");
-                            self.trapped.insert(log_id.index);
-                            self.inst = None;
-                            self.rebuild(log_id.index - 1)?;
-                            Response {
-                                result: Err(format!(
-                                    "guest trapped on entry {}: {why} (the entry had no effect)",
-                                    log_id.index
-                                )),
-                            }
-                        }
+                    let mut results = Vec::with_capacity(req.commands.len());
+                    for (pos, command) in req.commands.iter().enumerate() {
+                        results.push(self.apply_one(log_id, pos, command)?);
                     }
+                    Response { results }
                 }
             };
             self.last_applied = Some(log_id);
@@ -454,30 +346,52 @@ impl Worker {
         Ok(out)
     }
 
-    /// Make a fresh instance holding the state after entry `upto`: the current snapshot
-    /// plus the log after it, skipping entries known to trap.
-    fn rebuild(&mut self, upto: u64) -> Result<(), StorageError> {
+    fn apply_one(
+        &mut self,
+        log_id: LogId,
+        pos: usize,
+        command: &[u8],
+    ) -> Result<Result<Vec<u8>, String>, StorageError> {
+        let started = Instant::now();
+        let outcome = self.instance()?.apply(log_id.index, log_id.leader_id.term, command);
+        self.metrics.observe_apply(started.elapsed());
+        Ok(match outcome {
+            ApplyOutcome::Result(r) => {
+                if r.is_err() {
+                    self.metrics.guest_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }
+            ApplyOutcome::Trap(why) => {
+                self.metrics.guest_traps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(index = log_id.index, pos, %why, "guest trapped; rebuilding its instance");
+                self.trapped.insert((log_id.index, pos));
+                self.inst = None;
+                self.rebuild((log_id.index, pos))?;
+                Err(format!(
+                    "guest trapped on entry {} (command {pos}): {why} (the command had no effect)",
+                    log_id.index
+                ))
+            }
+        })
+    }
+
+    /// Make a fresh instance holding the state just before command `upto` (log index,
+    /// position in the entry): the current snapshot plus the log after it, skipping
+    /// commands known to trap.
+    fn rebuild(&mut self, upto: (u64, usize)) -> Result<(), StorageError> {
         'attempt: loop {
             let mut inst = self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
             let mut from = 0;
             if let Some(meta) = &self.snapshot {
-                let (_, mut r) =
-                    read_header(&self.current()).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-                inst.restore_from(&mut r, CHUNK as usize)
-                    .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                let (_, mut r) = read_header(&self.current()).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                inst.restore_from(&mut r, CHUNK as usize).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
                 from = meta.last_log_id.map_or(0, |l| l.index + 1);
             }
             let entries: Vec<Entry> = {
                 let mem = self.log.lock().unwrap_or_else(|p| p.into_inner());
-                // `from > upto` when the entry right after the snapshot trapped.
-                if from > upto {
-                    Vec::new()
-                } else {
-                    mem.entries
-                        .range(from..=upto)
-                        .map(|(_, e)| e.clone())
-                        .collect()
-                }
+                // Empty when the command to stop at is in the first entry after the snapshot.
+                mem.entries.range(from..=upto.0.max(from)).map(|(_, e)| e.clone()).collect()
             };
             if let Some(first) = entries.first() {
                 if from > 0 && first.log_id.index != from {
@@ -493,15 +407,17 @@ impl Worker {
             }
             for e in entries {
                 let idx = e.log_id.index;
-                if let EntryPayload::Normal(req) = &e.payload {
-                    if self.trapped.contains(&idx) {
+                let EntryPayload::Normal(req) = &e.payload else { continue };
+                for (pos, command) in req.commands.iter().enumerate() {
+                    if (idx, pos) >= upto {
+                        break;
+                    }
+                    if self.trapped.contains(&(idx, pos)) {
                         continue;
                     }
-                    if let ApplyOutcome::Trap(why) =
-                        inst.apply(idx, e.log_id.leader_id.term, &req.command)
-                    {
-                        tracing::warn!(index = idx, %why, "entry trapped during rebuild; skipping it");
-                        self.trapped.insert(idx);
+                    if let ApplyOutcome::Trap(why) = inst.apply(idx, e.log_id.leader_id.term, command) {
+                        tracing::warn!(index = idx, pos, %why, "command trapped during rebuild; skipping it");
+                        self.trapped.insert((idx, pos));
                         continue 'attempt;
                     }
                 }
@@ -529,10 +445,7 @@ impl Worker {
         let last_applied = self.last_applied;
         let inst = self.instance().map_err(|e| e.to_string())?;
         match inst.digest() {
-            Ok(digest) => Ok(Applied {
-                last_applied,
-                digest,
-            }),
+            Ok(digest) => Ok(Applied { last_applied, digest }),
             Err(e) => {
                 self.inst = None;
                 Err(format!("digest failed: {e}"))
@@ -546,11 +459,8 @@ impl Worker {
             self.last_applied.map_or(0, |l| l.leader_id.term),
             self.last_applied.map_or(0, |l| l.index)
         );
-        let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.membership.clone(),
-            snapshot_id: id,
-        };
+        let meta =
+            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id: id };
         let tmp = self.dir.join("building.snap");
         let res = (|| -> Result<u64, StorageError> {
             let mut w = BufWriter::with_capacity(
@@ -579,7 +489,7 @@ impl Worker {
         fs::rename(&tmp, self.current()).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         let upto = self.last_applied.map_or(0, |l| l.index);
-        self.trapped = self.trapped.split_off(&(upto + 1));
+        self.trapped = self.trapped.split_off(&(upto + 1, 0));
         tracing::info!(snapshot = %meta.snapshot_id, bytes, "snapshot built");
         self.snapshot = Some(meta.clone());
         Ok(meta)
