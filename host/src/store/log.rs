@@ -493,7 +493,7 @@ mod tests {
     fn entry(term: u64, index: u64, cmd: &str) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(Request { command: cmd.as_bytes().to_vec() }),
+            payload: EntryPayload::Normal(Request { commands: vec![cmd.as_bytes().to_vec()] }),
         }
     }
 
