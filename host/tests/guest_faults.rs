@@ -139,6 +139,33 @@ async fn t20_batching_does_not_change_results_or_state() {
     assert_eq!(one_by_one.digest().await, batched.digest().await);
 }
 
+/// Proposals batched into one entry: a trap in the middle must undo only its own command,
+/// not the ones before it in the same entry.
+#[tokio::test]
+async fn t25_trap_inside_a_batched_entry() {
+    let module = module();
+    let mut separate = Replica::new(&module);
+    let mut expected = Vec::new();
+    for e in entries(&HISTORY) {
+        expected.extend(separate.apply(&[e]).await);
+    }
+    let mut together = Replica::new(&module);
+    let one = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+        payload: EntryPayload::Normal(Request { commands: HISTORY.iter().map(|c| c.as_bytes().to_vec()).collect() }),
+    };
+    let got = together.apply(&[one]).await;
+    assert_eq!(got.len(), HISTORY.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g.is_ok(), e.is_ok(), "command {i}: {g:?} vs {e:?}");
+        if let (Ok(g), Ok(e)) = (g, e) {
+            assert_eq!(g, e, "command {i}");
+        }
+    }
+    assert_eq!(together.counter().await, "8");
+    assert_eq!(together.digest().await.1, separate.digest().await.1);
+}
+
 #[tokio::test]
 async fn t30_trap_after_snapshot_rebuilds_from_snapshot_and_log() {
     let module = module();
