@@ -63,13 +63,8 @@ fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 fn add(n: &str) -> Result<i64, String> {
-    let n: i64 = n
-        .parse()
-        .map_err(|e| format!("add needs an integer, got {n:?}: {e}"))?;
-    let value = COUNTER
-        .get()
-        .checked_add(n)
-        .ok_or_else(|| "counter overflow".to_string())?;
+    let n: i64 = n.parse().map_err(|e| format!("add needs an integer, got {n:?}: {e}"))?;
+    let value = COUNTER.get().checked_add(n).ok_or_else(|| "counter overflow".to_string())?;
     COUNTER.set(value);
     Ok(value)
 }
@@ -125,12 +120,12 @@ impl GuestRestore for Restore {
     }
 
     fn finish(&self) -> Result<(), String> {
-        let bytes: [u8; 8] = self.0.borrow().as_slice().try_into().map_err(|_| {
-            format!(
-                "faulty snapshot must be exactly 8 bytes, got {}",
-                self.0.borrow().len()
-            )
-        })?;
+        let bytes: [u8; 8] = self
+            .0
+            .borrow()
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("faulty snapshot must be exactly 8 bytes, got {}", self.0.borrow().len()))?;
         COUNTER.set(i64::from_le_bytes(bytes));
         Ok(())
     }

@@ -38,33 +38,22 @@ impl Command {
 
 pub fn parse(bytes: &[u8]) -> Result<Command, String> {
     if let Some(rest) = bytes.strip_prefix(b"get-") {
-        return Ok(Command::Get {
-            key: text_key(bytes, rest)?,
-        });
+        return Ok(Command::Get { key: text_key(bytes, rest)? });
     }
     if let Some(rest) = bytes.strip_prefix(b"delete-") {
-        return Ok(Command::Delete {
-            key: text_key(bytes, rest)?,
-        });
+        return Ok(Command::Delete { key: text_key(bytes, rest)? });
     }
     if let Some(rest) = bytes.strip_prefix(b"set-") {
         let Some(dash) = rest.iter().position(|&b| b == b'-') else {
-            return Err(format!(
-                "malformed command {}: expected set-K-V",
-                quote(bytes)
-            ));
+            return Err(format!("malformed command {}: expected set-K-V", quote(bytes)));
         };
-        return Ok(Command::Set {
-            key: text_key(bytes, &rest[..dash])?,
-            value: rest[dash + 1..].to_vec(),
-        });
+        return Ok(Command::Set { key: text_key(bytes, &rest[..dash])?, value: rest[dash + 1..].to_vec() });
     }
     if looks_like_text(bytes) {
         return Err(unknown(bytes));
     }
-    let decoded = proto::Command::decode(bytes).map_err(|e| {
-        format!("malformed command: not a text command nor a protobuf Command: {e}")
-    })?;
+    let decoded = proto::Command::decode(bytes)
+        .map_err(|e| format!("malformed command: not a text command nor a protobuf Command: {e}"))?;
     let op = proto::Op::try_from(decoded.op)
         .map_err(|_| format!("malformed command: unknown protobuf op {}", decoded.op))?;
     if decoded.key.is_empty() {
@@ -73,10 +62,7 @@ pub fn parse(bytes: &[u8]) -> Result<Command, String> {
     let key = decoded.key;
     Ok(match op {
         proto::Op::Get => Command::Get { key },
-        proto::Op::Set => Command::Set {
-            key,
-            value: decoded.value,
-        },
+        proto::Op::Set => Command::Set { key, value: decoded.value },
         proto::Op::Delete => Command::Delete { key },
     })
 }
@@ -89,8 +75,7 @@ fn text_key(command: &[u8], key: &[u8]) -> Result<String, String> {
     if key.is_empty() {
         return Err(format!("malformed command {}: empty key", quote(command)));
     }
-    String::from_utf8(key.to_vec())
-        .map_err(|_| format!("malformed command {}: key is not UTF-8", quote(command)))
+    String::from_utf8(key.to_vec()).map_err(|_| format!("malformed command {}: key is not UTF-8", quote(command)))
 }
 
 /// A meaningful protobuf `Command` always holds one of the tag bytes 0x08, 0x12 or 0x1a,
@@ -98,18 +83,13 @@ fn text_key(command: &[u8], key: &[u8]) -> Result<String, String> {
 /// deserves a hint rather than a protobuf decoding error.
 fn looks_like_text(bytes: &[u8]) -> bool {
     match std::str::from_utf8(bytes) {
-        Ok(text) => !text
-            .chars()
-            .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n')),
+        Ok(text) => !text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n')),
         Err(_) => false,
     }
 }
 
 fn unknown(bytes: &[u8]) -> String {
-    format!(
-        "unknown command {}: expected get-KEY, set-KEY-VALUE, delete-KEY or a protobuf Command",
-        quote(bytes)
-    )
+    format!("unknown command {}: expected get-KEY, set-KEY-VALUE, delete-KEY or a protobuf Command", quote(bytes))
 }
 
 pub fn quote(bytes: &[u8]) -> String {
@@ -130,10 +110,7 @@ mod tests {
     }
 
     fn set(key: &str, value: &[u8]) -> Command {
-        Command::Set {
-            key: key.into(),
-            value: value.to_vec(),
-        }
+        Command::Set { key: key.into(), value: value.to_vec() }
     }
 
     fn delete(key: &str) -> Command {
@@ -145,12 +122,7 @@ mod tests {
     }
 
     fn encode(op: proto::Op, key: &str, value: &[u8]) -> Vec<u8> {
-        proto::Command {
-            op: op as i32,
-            key: key.into(),
-            value: value.to_vec(),
-        }
-        .encode_to_vec()
+        proto::Command { op: op as i32, key: key.into(), value: value.to_vec() }.encode_to_vec()
     }
 
     #[test]
@@ -158,10 +130,7 @@ mod tests {
         assert_eq!(parse(b"get-a"), Ok(get("a")));
         assert_eq!(parse(b"set-1-2"), Ok(set("1", b"2")));
         assert_eq!(parse(b"delete-x"), Ok(delete("x")));
-        assert_eq!(
-            parse("set-ключ-значение".as_bytes()),
-            Ok(set("ключ", "значение".as_bytes()))
-        );
+        assert_eq!(parse("set-ключ-значение".as_bytes()), Ok(set("ключ", "значение".as_bytes())));
     }
 
     #[test]
@@ -210,15 +179,7 @@ mod tests {
 
     #[test]
     fn unknown_text_names_the_accepted_forms() {
-        for bytes in [
-            &b"put-1-2"[..],
-            b"hello",
-            b"hi",
-            b"GET-a",
-            b"get",
-            b"hello\n",
-            b"",
-        ] {
+        for bytes in [&b"put-1-2"[..], b"hello", b"hi", b"GET-a", b"get", b"hello\n", b""] {
             let err = parse_err(bytes);
             assert!(err.starts_with("unknown command"), "{bytes:?}: {err}");
             assert!(err.contains("set-KEY-VALUE"), "{err}");
@@ -228,20 +189,11 @@ mod tests {
     #[test]
     fn protobuf_commands() {
         assert_eq!(parse(&encode(proto::Op::Get, "k", b"")), Ok(get("k")));
-        assert_eq!(
-            parse(&encode(proto::Op::Set, "k", b"v")),
-            Ok(set("k", b"v"))
-        );
+        assert_eq!(parse(&encode(proto::Op::Set, "k", b"v")), Ok(set("k", b"v")));
         assert_eq!(parse(&encode(proto::Op::Set, "k", b"")), Ok(set("k", b"")));
-        assert_eq!(
-            parse(&encode(proto::Op::Delete, "k-1", b"")),
-            Ok(delete("k-1"))
-        );
+        assert_eq!(parse(&encode(proto::Op::Delete, "k-1", b"")), Ok(delete("k-1")));
         // A key that would read as a text command's prefix is fine inside protobuf.
-        assert_eq!(
-            parse(&encode(proto::Op::Get, "get-x", b"")),
-            Ok(get("get-x"))
-        );
+        assert_eq!(parse(&encode(proto::Op::Get, "get-x", b"")), Ok(get("get-x")));
     }
 
     #[test]

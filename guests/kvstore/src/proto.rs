@@ -33,16 +33,9 @@ mod tests {
 
     #[test]
     fn encoding_matches_the_proto_declaration() {
-        let command = Command {
-            op: Op::Set as i32,
-            key: "k".into(),
-            value: b"v".to_vec(),
-        };
+        let command = Command { op: Op::Set as i32, key: "k".into(), value: b"v".to_vec() };
         // Field 1 varint, field 2 bytes, field 3 bytes: the wire form other languages produce.
-        assert_eq!(
-            command.encode_to_vec(),
-            [0x08, 0x01, 0x12, 0x01, b'k', 0x1a, 0x01, b'v']
-        );
+        assert_eq!(command.encode_to_vec(), [0x08, 0x01, 0x12, 0x01, b'k', 0x1a, 0x01, b'v']);
         let decoded = Command::decode(&[0x08, 0x02, 0x12, 0x01, b'z'][..]).expect("decodes");
         assert_eq!(decoded.op(), Op::Delete);
         assert_eq!(decoded.key, "z");

@@ -17,11 +17,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            preload_keys: 0,
-            preload_value_size: 1024,
-            max_value_size: 1 << 20,
-        }
+        Settings { preload_keys: 0, preload_value_size: 1024, max_value_size: 1 << 20 }
     }
 }
 
@@ -56,9 +52,7 @@ fn number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {
-    value
-        .parse()
-        .map_err(|e| format!("kvstore setting {key}={value:?} is not a valid number: {e}"))
+    value.parse().map_err(|e| format!("kvstore setting {key}={value:?} is not a valid number: {e}"))
 }
 
 #[cfg(test)]
@@ -66,10 +60,7 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -83,20 +74,10 @@ mod tests {
 
     #[test]
     fn all_settings() {
-        let settings = Settings::parse(&config(&[
-            ("max-value-size", "10"),
-            ("preload-keys", "3"),
-            ("preload-value-size", "7"),
-        ]))
-        .expect("valid");
-        assert_eq!(
-            settings,
-            Settings {
-                preload_keys: 3,
-                preload_value_size: 7,
-                max_value_size: 10,
-            }
-        );
+        let settings =
+            Settings::parse(&config(&[("max-value-size", "10"), ("preload-keys", "3"), ("preload-value-size", "7")]))
+                .expect("valid");
+        assert_eq!(settings, Settings { preload_keys: 3, preload_value_size: 7, max_value_size: 10 });
     }
 
     #[test]
@@ -123,8 +104,7 @@ mod tests {
 
     #[test]
     fn repeated_key_is_an_error() {
-        let err = Settings::parse(&config(&[("preload-keys", "1"), ("preload-keys", "2")]))
-            .expect_err("repeated");
+        let err = Settings::parse(&config(&[("preload-keys", "1"), ("preload-keys", "2")])).expect_err("repeated");
         assert!(err.contains("more than once"), "{err}");
     }
 }

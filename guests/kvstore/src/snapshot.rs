@@ -86,8 +86,8 @@ impl SnapshotReader {
 
 fn encode_record(out: &mut Vec<u8>, key: &str, value: &[u8]) -> Result<(), String> {
     for field in [key.as_bytes(), value] {
-        let len = u32::try_from(field.len())
-            .map_err(|_| format!("cannot snapshot key {key:?}: a field exceeds 4 GiB"))?;
+        let len =
+            u32::try_from(field.len()).map_err(|_| format!("cannot snapshot key {key:?}: a field exceeds 4 GiB"))?;
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(field);
     }
@@ -131,10 +131,7 @@ impl Restorer {
             ));
         }
         if !self.buf.is_empty() {
-            return Err(format!(
-                "snapshot is truncated: {} bytes of an incomplete record at the end",
-                self.buf.len()
-            ));
+            return Err(format!("snapshot is truncated: {} bytes of an incomplete record at the end", self.buf.len()));
         }
         Ok(self.table)
     }
@@ -144,10 +141,7 @@ impl Restorer {
         if !self.magic_seen {
             let have = self.buf.len().min(MAGIC.len());
             if self.buf[..have] != MAGIC[..have] {
-                return Err(format!(
-                    "not a kvstore snapshot: expected header {:?}",
-                    String::from_utf8_lossy(MAGIC)
-                ));
+                return Err(format!("not a kvstore snapshot: expected header {:?}", String::from_utf8_lossy(MAGIC)));
             }
             if have < MAGIC.len() {
                 return Ok(());
@@ -156,13 +150,10 @@ impl Restorer {
             pos = MAGIC.len();
         }
         while let Some((key, value, end)) = next_record(&self.buf, pos) {
-            let key = std::str::from_utf8(key)
-                .map_err(|_| "corrupt snapshot: a key is not UTF-8".to_string())?;
+            let key = std::str::from_utf8(key).map_err(|_| "corrupt snapshot: a key is not UTF-8".to_string())?;
             if let Some((last, _)) = self.table.map().last_key_value() {
                 if key <= last.as_str() {
-                    return Err(format!(
-                        "corrupt snapshot: key {key:?} does not sort after {last:?}"
-                    ));
+                    return Err(format!("corrupt snapshot: key {key:?} does not sort after {last:?}"));
                 }
             }
             self.table.insert(key.to_string(), value.to_vec());
@@ -223,14 +214,7 @@ mod tests {
 
     fn sample() -> Store {
         let big = format!("set-big-{}", "v".repeat(100));
-        store_with(&[
-            "set-b-2",
-            "set-a-1",
-            "set-c-",
-            "set-k-e-y",
-            &big,
-            "set-ключ-x",
-        ])
+        store_with(&["set-b-2", "set-a-1", "set-c-", "set-k-e-y", &big, "set-ключ-x"])
     }
 
     #[test]
@@ -274,11 +258,7 @@ mod tests {
 
     #[test]
     fn roundtrip_preloaded() {
-        let store = Store::new(&Settings {
-            preload_keys: 200,
-            preload_value_size: 33,
-            ..Settings::default()
-        });
+        let store = Store::new(&Settings { preload_keys: 200, preload_value_size: 33, ..Settings::default() });
         let chunks = read_all(&store, 100);
         let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
         let table = restore(&refs).expect("restore");
@@ -321,9 +301,7 @@ mod tests {
         let mut unordered = b"KVS1".to_vec();
         unordered.extend_from_slice(&[1, 0, 0, 0, b'b', 0, 0, 0, 0]);
         unordered.extend_from_slice(&[1, 0, 0, 0, b'a', 0, 0, 0, 0]);
-        assert!(restore(&[&unordered])
-            .expect_err("order")
-            .contains("sort after"));
+        assert!(restore(&[&unordered]).expect_err("order").contains("sort after"));
 
         let mut duplicate = b"KVS1".to_vec();
         duplicate.extend_from_slice(&[1, 0, 0, 0, b'a', 0, 0, 0, 0]);

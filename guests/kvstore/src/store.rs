@@ -106,11 +106,7 @@ impl Store {
         for i in 0..settings.preload_keys {
             table.insert(i.to_string(), value.clone());
         }
-        Store {
-            table,
-            max_value_size: settings.max_value_size,
-            generation: 0,
-        }
+        Store { table, max_value_size: settings.max_value_size, generation: 0 }
     }
 
     pub fn table(&self) -> &Table {
@@ -166,10 +162,7 @@ impl Store {
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, String> {
-        self.table
-            .get(key)
-            .cloned()
-            .ok_or_else(|| format!("key not found: {key}"))
+        self.table.get(key).cloned().ok_or_else(|| format!("key not found: {key}"))
     }
 }
 
@@ -184,12 +177,7 @@ mod tests {
     }
 
     fn encode(op: proto::Op, key: &str, value: &[u8]) -> Vec<u8> {
-        proto::Command {
-            op: op as i32,
-            key: key.into(),
-            value: value.to_vec(),
-        }
-        .encode_to_vec()
+        proto::Command { op: op as i32, key: key.into(), value: value.to_vec() }.encode_to_vec()
     }
 
     #[test]
@@ -211,15 +199,9 @@ mod tests {
     #[test]
     fn apply_protobuf() {
         let mut s = store();
-        assert_eq!(
-            s.apply(&encode(proto::Op::Set, "k", b"\x00\xff")),
-            Ok(vec![])
-        );
+        assert_eq!(s.apply(&encode(proto::Op::Set, "k", b"\x00\xff")), Ok(vec![]));
         assert_eq!(s.apply(b"get-k"), Ok(b"\x00\xff".to_vec()));
-        assert_eq!(
-            s.apply(&encode(proto::Op::Get, "k", b"")),
-            Ok(b"\x00\xff".to_vec())
-        );
+        assert_eq!(s.apply(&encode(proto::Op::Get, "k", b"")), Ok(b"\x00\xff".to_vec()));
         assert_eq!(s.apply(&encode(proto::Op::Delete, "k", b"")), Ok(vec![]));
         assert!(s.apply(&encode(proto::Op::Get, "k", b"")).is_err());
     }
@@ -237,10 +219,7 @@ mod tests {
 
     #[test]
     fn oversized_values_are_refused() {
-        let mut s = Store::new(&Settings {
-            max_value_size: 3,
-            ..Settings::default()
-        });
+        let mut s = Store::new(&Settings { max_value_size: 3, ..Settings::default() });
         assert_eq!(s.apply(b"set-a-123"), Ok(vec![]));
         let err = s.apply(b"set-a-1234").expect_err("too large");
         assert!(err.contains("max-value-size is 3"), "{err}");
@@ -264,10 +243,7 @@ mod tests {
             let err = s.query(&write).expect_err("write in query");
             assert!(err.starts_with("query is read-only"), "{err}");
         }
-        assert!(s
-            .query(b"hello")
-            .expect_err("unknown")
-            .starts_with("unknown command"));
+        assert!(s.query(b"hello").expect_err("unknown").starts_with("unknown command"));
         assert_eq!(s.query(b"get-a"), Ok(b"1".to_vec()));
         assert_eq!(s.generation(), generation);
     }
@@ -333,23 +309,14 @@ mod tests {
     fn default_store_uses_default_settings() {
         let mut s = store();
         let max = Settings::default().max_value_size as usize;
-        assert_eq!(
-            s.apply(&[b"set-a-".as_slice(), &vec![b'v'; max]].concat()),
-            Ok(vec![])
-        );
-        assert!(s
-            .apply(&[b"set-a-".as_slice(), &vec![b'v'; max + 1]].concat())
-            .is_err());
+        assert_eq!(s.apply(&[b"set-a-".as_slice(), &vec![b'v'; max]].concat()), Ok(vec![]));
+        assert!(s.apply(&[b"set-a-".as_slice(), &vec![b'v'; max + 1]].concat()).is_err());
         assert_eq!(s.table().map().len(), 1);
     }
 
     #[test]
     fn preload() {
-        let s = Store::new(&Settings {
-            preload_keys: 3,
-            preload_value_size: 5,
-            ..Settings::default()
-        });
+        let s = Store::new(&Settings { preload_keys: 3, preload_value_size: 5, ..Settings::default() });
         let keys: Vec<&str> = s.table().map().keys().map(String::as_str).collect();
         assert_eq!(keys, ["0", "1", "2"]);
         assert_eq!(s.query(b"get-2"), Ok(b"xxxxx".to_vec()));
@@ -358,9 +325,7 @@ mod tests {
 
         let mut written = store();
         for i in 0..3 {
-            written
-                .apply(format!("set-{i}-xxxxx").as_bytes())
-                .expect("set");
+            written.apply(format!("set-{i}-xxxxx").as_bytes()).expect("set");
         }
         assert_eq!(s.digest(), written.digest());
     }
