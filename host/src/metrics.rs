@@ -18,6 +18,8 @@ pub struct Metrics {
     pub bad_requests: AtomicU64,
     pub guest_errors: AtomicU64,
     pub guest_traps: AtomicU64,
+    pub snapshots_built: AtomicU64,
+    pub snapshots_installed: AtomicU64,
     apply_buckets: [AtomicU64; APPLY_BUCKETS_US.len()],
     apply_count: AtomicU64,
     apply_sum_ns: AtomicU64,
@@ -41,7 +43,7 @@ impl Metrics {
 
     /// Render our counters; `raft` lines (already formatted) are prepended by the caller.
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 10] = [
             ("proposals_total", "Commands proposed through this member", &self.proposals),
             ("proposal_errors_total", "Proposals that failed (not guest errors)", &self.proposal_errors),
             ("queries_total", "Read queries served", &self.queries),
@@ -50,6 +52,12 @@ impl Metrics {
             ("bad_requests_total", "Malformed frames or requests received", &self.bad_requests),
             ("guest_errors_total", "Entries for which the guest returned an error result", &self.guest_errors),
             ("guest_traps_total", "Guest traps (including out of fuel)", &self.guest_traps),
+            ("snapshots_built_total", "Snapshots built from the local guest", &self.snapshots_built),
+            (
+                "snapshots_installed_total",
+                "Snapshots received from the leader and installed",
+                &self.snapshots_installed,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} counter");

@@ -89,7 +89,9 @@ impl LogStore {
         fs::create_dir_all(dir)?;
         let vote: Option<Vote> = read_small(&dir.join("vote"))?;
         let last_purged: Option<LogId> = read_small(&dir.join("purged"))?;
-        let committed: Option<LogId> = read_small(&dir.join("committed")).unwrap_or(None);
+        // Written as `Option<LogId>`; a missing or unreadable hint just means "replay
+        // nothing until the next commit".
+        let committed: Option<LogId> = read_small::<Option<LogId>>(&dir.join("committed")).ok().flatten().flatten();
         let (segments, entries, offsets) = load_segments(dir, last_purged)?;
         let mem = Arc::new(Mutex::new(LogMem { entries, last_purged }));
         let (tx, rx) = mpsc::channel();
@@ -306,7 +308,6 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
         })
         .collect();
     firsts.sort_unstable();
-    let purged = last_purged.map_or(0, |l| l.index);
     let mut segments = Vec::new();
     let mut entries = BTreeMap::new();
     let mut offsets = BTreeMap::new();
@@ -331,7 +332,9 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
         for (offset, entry) in records {
             let index = entry.get_log_id().index;
             offsets.insert(index, (first, offset));
-            if index > purged {
+            // Index 0 exists (openraft's initial membership), so "nothing purged" is
+            // `None`, not 0.
+            if last_purged.is_none_or(|p| index > p.index) {
                 entries.insert(index, entry);
             }
         }
@@ -501,21 +504,23 @@ mod tests {
     async fn records_survive_reopen_and_torn_tail_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut data = Vec::new();
-        for i in 1..=5 {
+        // From index 0: openraft's first entry (the initial membership) has index 0.
+        for i in 0..5 {
             encode_record(&entry(1, i, &format!("set-{i}-x")), &mut data).expect("encode");
         }
         let full = data.len();
         // A torn tail: half of a sixth record.
         let mut sixth = Vec::new();
-        encode_record(&entry(1, 6, "set-6-x"), &mut sixth).expect("encode");
+        encode_record(&entry(1, 5, "set-5-x"), &mut sixth).expect("encode");
         data.extend_from_slice(&sixth[..sixth.len() / 2]);
-        fs::write(dir.path().join(segment_name(1)), &data).expect("write");
+        fs::write(dir.path().join(segment_name(0)), &data).expect("write");
 
         let mut store = LogStore::open(dir.path(), true).expect("open");
         let got = store.try_get_log_entries(..).await.expect("read");
         assert_eq!(got.len(), 5);
-        assert_eq!(got[4], entry(1, 5, "set-5-x"));
-        assert_eq!(fs::metadata(dir.path().join(segment_name(1))).expect("meta").len(), full as u64);
+        assert_eq!(got[0], entry(1, 0, "set-0-x"));
+        assert_eq!(got[4], entry(1, 4, "set-4-x"));
+        assert_eq!(fs::metadata(dir.path().join(segment_name(0))).expect("meta").len(), full as u64);
     }
 
     #[tokio::test]
@@ -559,6 +564,16 @@ mod tests {
         let got = store.try_get_log_entries(..).await.expect("read");
         assert_eq!(got.first().map(|e| e.log_id.index), Some(13));
         assert_eq!(got.len(), 12);
+    }
+
+    #[tokio::test]
+    async fn committed_hint_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = Writer { dir: dir.path().to_path_buf(), segments: Vec::new(), offsets: BTreeMap::new(), fsync: true };
+        let c = LogId::new(CommittedLeaderId::new(3, 1), 66);
+        w.write_committed(Some(c)).expect("write");
+        let mut store = LogStore::open(dir.path(), true).expect("open");
+        assert_eq!(store.read_committed().await.expect("read"), Some(c));
     }
 
     #[tokio::test]

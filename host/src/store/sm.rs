@@ -491,6 +491,7 @@ impl Worker {
         let upto = self.last_applied.map_or(0, |l| l.index);
         self.trapped = self.trapped.split_off(&(upto + 1, 0));
         tracing::info!(snapshot = %meta.snapshot_id, bytes, "snapshot built");
+        self.metrics.snapshots_built.fetch_add(1, Ordering::Relaxed);
         self.snapshot = Some(meta.clone());
         Ok(meta)
     }
@@ -504,6 +505,7 @@ impl Worker {
         fs::rename(path, self.current()).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        self.metrics.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         self.inst = Some(inst);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

@@ -1,0 +1,188 @@
+//! Clusters of real `host` processes running the kvstore guest: forming by join,
+//! replication, leader loss, full restarts and catching up through a snapshot.
+//!
+//! Needs the release binaries and guests from `scripts/build.sh`.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// Sampled keys for node-by-node checks: reading every key on every node would cost a
+/// `kv` process each.
+fn sample(range: std::ops::Range<usize>, count: usize) -> Vec<usize> {
+    let step = (range.len() / count).max(1);
+    let mut keys: Vec<usize> = range.clone().step_by(step).collect();
+    if let Some(last) = range.clone().last() {
+        keys.push(last);
+    }
+    keys.dedup();
+    keys
+}
+
+fn sha256_of(path: &std::path::Path) -> Option<String> {
+    let out = Command::new("sha256sum").arg(path).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().next().map(str::to_string)
+}
+
+#[test]
+fn t10_three_nodes_form_by_join() {
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    // One consistent view: exactly one leader, which everyone else follows.
+    let (leader, statuses) = c.wait_until("one leader and two followers", |c| {
+        let leader = c.find_leader()?;
+        let statuses = c.statuses()?;
+        let followers = statuses.iter().filter(|(_, s)| s["state"] == "Follower").count();
+        if followers == 2 {
+            Ok((leader, statuses))
+        } else {
+            Err(format!("{followers} followers"))
+        }
+    });
+    let leader_id = c.nodes[leader].id;
+
+    let fsm_sha = field_str(&statuses[0].1, "fsm_sha256").to_string();
+    if let Some(expected) = sha256_of(&guest("kvstore")) {
+        assert_eq!(fsm_sha.to_ascii_lowercase(), expected, "fsm_sha256 is the sha256 of the module");
+    }
+    for (i, status) in &statuses {
+        let node = &c.nodes[*i];
+        assert_eq!(field_u64(status, "id"), node.id);
+        let expected_state = if *i == leader { "Leader" } else { "Follower" };
+        assert_eq!(field_str(status, "state"), expected_state, "node {}", node.id);
+        assert_eq!(status["leader_id"].as_u64(), Some(leader_id), "node {}", node.id);
+        assert_eq!(field_str(status, "fsm_sha256"), fsm_sha);
+        assert_eq!(voter_ids(status), vec![1, 2, 3], "node {}: {status}", node.id);
+        let digest = field_str(status, "state_digest");
+        assert!(
+            !digest.is_empty() && digest.chars().all(|ch| ch.is_ascii_hexdigit()),
+            "state_digest is hex: {digest:?}"
+        );
+        for member in members(status) {
+            let id = field_u64(member, "id");
+            let m = &c.nodes[id as usize - 1];
+            assert_eq!(member["raft_addr"], m.raft_addr.as_str(), "{member}");
+            assert_eq!(member["admin_addr"], m.admin_addr.as_str(), "{member}");
+            assert_eq!(member["client_addr"], m.client_addr.as_str(), "{member}");
+        }
+    }
+
+    // The cluster serves a write from any member's client port.
+    for i in 0..3 {
+        let addr = c.nodes[i].client_addr.clone();
+        let out = kv(&addr, &["set", &key(i), &value(i)]);
+        assert!(out.status.success(), "set via node {}: {}", i + 1, stderr_of(&out));
+        assert_eq!(stdout_of(&out), "OK");
+    }
+    assert_all_readable(&c.client_addrs(), 0..3, 1);
+    c.wait_converged();
+}
+
+#[test]
+fn t20_thousand_writes_reach_every_node() {
+    const WRITES: usize = 1000;
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    set_many(&c.client_addrs(), 0..WRITES, 8);
+
+    // Every acknowledged write through the cluster, a sample on each node's own state.
+    assert_all_readable(&c.client_addrs(), 0..WRITES, 8);
+    c.assert_every_node_has(&sample(0..WRITES, 25));
+    c.wait_converged();
+
+    // Deleting is replicated as well.
+    let out = c.kv(&["delete", &key(0)]);
+    assert!(out.status.success(), "delete: {}", stderr_of(&out));
+    let out = c.kv(&["get", &key(0)]);
+    assert!(!out.status.success(), "deleted key still readable");
+    c.wait_converged();
+}
+
+#[test]
+fn t30_leader_killed_new_leader_keeps_acknowledged_writes() {
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    set_many(&c.client_addrs(), 0..60, 3);
+
+    let old = c.leader();
+    let old_term = field_u64(&c.nodes[old].status(), "term");
+    c.nodes[old].kill9();
+
+    let new = c.wait_until("a new leader among the survivors", |c| {
+        let leader = c.find_leader()?;
+        let term = field_u64(&try_status(&c.nodes[leader].admin_addr)?, "term");
+        if term > old_term {
+            Ok(leader)
+        } else {
+            Err(format!("node {} leads in term {term}", leader + 1))
+        }
+    });
+    assert_ne!(new, old);
+
+    assert_all_readable(&c.client_addrs(), 0..60, 3);
+    set_many(&c.client_addrs(), 60..90, 3);
+
+    c.nodes[old].restart();
+    c.wait_voters(3);
+    c.wait_converged();
+    c.assert_every_node_has(&sample(0..90, 10));
+}
+
+#[test]
+fn t40_full_restart_keeps_acknowledged_writes() {
+    const WRITES: usize = 100;
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    set_many(&c.client_addrs(), 0..WRITES, 4);
+    let before = c.wait_converged();
+
+    for node in &mut c.nodes {
+        let status = node.terminate();
+        assert!(
+            status.success(),
+            "node {} should shut down cleanly on SIGTERM, exited with {status}\n{}",
+            node.id,
+            node.log_tail()
+        );
+    }
+    for node in &mut c.nodes {
+        node.restart();
+    }
+    c.wait_voters(3);
+
+    assert_all_readable(&c.client_addrs(), 0..WRITES, 4);
+    let after = c.wait_converged();
+    assert!(
+        field_u64(&after, "last_applied") >= field_u64(&before, "last_applied"),
+        "restart lost applied entries: before {before}, after {after}"
+    );
+}
+
+#[test]
+fn t50_new_node_catches_up_through_snapshot() {
+    const WRITES: usize = 300;
+    // Logs are purged to 10 entries past each snapshot, so a node joining after 300
+    // writes cannot be sent the log from the start: only a snapshot gets it there.
+    let mut c = Cluster::start(3, "kvstore", &["--snapshot-every", "50", "--keep-logs", "10"]);
+    set_many(&c.client_addrs(), 0..WRITES, 4);
+
+    let new = c.add_node();
+    c.wait_voters(4);
+    c.wait_converged();
+    let (code, metrics) = http_get(&c.nodes[new].admin_addr, "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200);
+    let installed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wasm_raft_snapshots_installed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no snapshot counter in /metrics:\n{metrics}"));
+    assert!(installed >= 1, "the new node caught up without a snapshot:\n{metrics}");
+    c.assert_every_node_has(&sample(0..WRITES, 10));
+
+    // And it follows the log after the snapshot.
+    set_many(&c.client_addrs(), WRITES..WRITES + 20, 2);
+    c.wait_converged();
+    c.wait_caught_up(new);
+    let out = c.stale_get(new, &key(WRITES + 19));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(stdout_of(&out), value(WRITES + 19));
+}

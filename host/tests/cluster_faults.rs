@@ -1,0 +1,108 @@
+//! Clusters of real `host` processes where something is wrong: a guest that traps, runs
+//! out of fuel or memory (every member must answer the same and stay identical), and
+//! nodes that must not join (another guest, other settings, a wrong cluster token).
+//!
+//! Needs the release binaries and guests from `scripts/build.sh`.
+
+mod common;
+
+use std::process::ExitStatus;
+
+use common::*;
+
+const FAULTY_LIMITS: [&str; 4] = ["--fuel-per-entry", "20000000", "--guest-memory-mb", "64"];
+
+fn propose(c: &Cluster, command: &str) -> Result<String, String> {
+    let out = c.kv(&["propose", command]);
+    if out.status.success() {
+        Ok(stdout_of(&out))
+    } else {
+        Err(stderr_of(&out))
+    }
+}
+
+/// Waits for a node that should refuse to run to exit, and returns its status.
+fn wait_exit(node: &mut Node) -> ExitStatus {
+    poll_until(TIMEOUT, || node.exited().ok_or_else(|| "still running".to_string()))
+        .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", node.id, node.log_tail()))
+}
+
+#[test]
+fn t10_guest_faults_give_the_same_errors_on_every_member() {
+    let mut c = Cluster::start(3, "faulty", &FAULTY_LIMITS);
+    assert_eq!(propose(&c, "add-5"), Ok("5".to_string()));
+    for (cmd, why) in
+        [("add-then-trap-3", "trapped"), ("spin", "fuel"), ("grow", "trapped"), ("fail", "requested failure")]
+    {
+        let err = propose(&c, cmd).expect_err(cmd);
+        assert!(err.contains(why), "{cmd}: {err}");
+    }
+    assert_eq!(propose(&c, "add-1"), Ok("6".to_string()), "faults left no trace");
+    c.wait_converged();
+    for i in 0..3 {
+        let out = kv(&c.nodes[i].client_addr, &["query", "--stale", "get"]);
+        assert_eq!(stdout_of(&out), "6", "node {}: {}", i + 1, stderr_of(&out));
+    }
+
+    // A restarted member replays the same log, traps included, and lands on the same state.
+    let status = c.nodes[1].terminate();
+    assert!(status.success(), "{}", c.nodes[1].log_tail());
+    c.nodes[1].restart();
+    c.wait_voters(3);
+    assert_eq!(propose(&c, "add-10"), Ok("16".to_string()));
+    c.wait_converged();
+    let out = kv(&c.nodes[1].client_addr, &["query", "--stale", "get"]);
+    assert_eq!(stdout_of(&out), "16", "{}", stderr_of(&out));
+}
+
+#[test]
+fn t20_node_with_another_guest_or_settings_is_refused() {
+    let c = Cluster::start(1, "kvstore", &[]);
+    let join = c.nodes[0].admin_addr.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let mut other = Node::start(2, dir.path(), &guest("faulty"), &[], Some(&join));
+    let status = wait_exit(&mut other);
+    assert_eq!(status.code(), Some(2), "{}", other.log_tail());
+    assert!(other.log_tail().contains("guest module mismatch"), "{}", other.log_tail());
+
+    let settings = vec!["--fsm-config".to_string(), "preload-keys=3".to_string()];
+    let mut other = Node::start(3, dir.path(), &guest("kvstore"), &settings, Some(&join));
+    let status = wait_exit(&mut other);
+    assert_eq!(status.code(), Some(2), "{}", other.log_tail());
+    assert!(other.log_tail().contains("settings mismatch"), "{}", other.log_tail());
+
+    let s = c.nodes[0].status();
+    assert_eq!(voter_ids(&s), vec![1], "nobody was added: {s}");
+    assert_eq!(members(&s).len(), 1, "not even as a learner: {s}");
+}
+
+#[test]
+fn t30_cluster_token_keeps_strangers_out() {
+    let token = ["--cluster-token", "s3cret"];
+    let mut c = Cluster::start(2, "kvstore", &token);
+    let join = c.nodes[0].admin_addr.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrong = vec!["--cluster-token".to_string(), "guess".to_string()];
+    let mut stranger = Node::start(9, dir.path(), &guest("kvstore"), &wrong, Some(&join));
+    let status = wait_exit(&mut stranger);
+    assert_eq!(status.code(), Some(2), "{}", stranger.log_tail());
+    assert!(stranger.log_tail().contains("cluster token"), "{}", stranger.log_tail());
+    assert_eq!(voter_ids(&c.nodes[0].status()), vec![1, 2]);
+
+    // The members themselves, holding the token, still replicate.
+    set_many(&c.client_addrs(), 0..20, 2);
+    c.wait_converged();
+}
+
+#[test]
+fn t40_data_dir_keeps_its_guest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(1, dir.path(), &guest("kvstore"), &[], None);
+    wait_for(|| try_status(&node.admin_addr).is_ok(), "node 1 to serve /status");
+    assert!(node.terminate().success());
+    let mut again = Node::start(1, dir.path(), &guest("faulty"), &[], None);
+    let status = wait_exit(&mut again);
+    assert_eq!(status.code(), Some(2), "{}", again.log_tail());
+    assert!(again.log_tail().contains("cannot change its guest"), "{}", again.log_tail());
+}
