@@ -266,29 +266,3 @@ impl Client {
         Err(ClientError::Unavailable(last_error))
     }
 }
-
-/// The `kvstore` guest's protobuf command, mirrored here for `kv` (the host itself never
-/// looks inside commands).
-pub mod kv {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Command {
-        #[prost(enumeration = "Op", tag = "1")]
-        pub op: i32,
-        #[prost(string, tag = "2")]
-        pub key: String,
-        #[prost(bytes = "vec", tag = "3")]
-        pub value: Vec<u8>,
-    }
-
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-    #[repr(i32)]
-    pub enum Op {
-        Get = 0,
-        Set = 1,
-        Delete = 2,
-    }
-
-    pub fn encode(op: Op, key: &str, value: &[u8]) -> Vec<u8> {
-        prost::Message::encode_to_vec(&Command { op: op as i32, key: key.to_string(), value: value.to_vec() })
-    }
-}

@@ -97,4 +97,31 @@ mod tests {
         let mut r = &garbage[..];
         assert!(matches!(read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await, Err(FrameError::Decode(_))));
     }
+
+    /// Random bytes must give an error or a message, never a panic or a huge allocation.
+    #[tokio::test]
+    async fn random_bytes_never_panic() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut buf = Vec::new();
+        for _ in 0..20_000 {
+            // Mostly plausible length prefixes, so that the decoder sees random bodies;
+            // sometimes a wild one.
+            let mut data = Vec::new();
+            for _ in 0..(next() % 4) {
+                let declared = if next() % 8 == 0 { next() as u32 } else { (next() % 48) as u32 };
+                data.extend_from_slice(&declared.to_be_bytes());
+                let len = (next() % 48) as usize;
+                data.extend((0..len).map(|_| next() as u8));
+            }
+            let mut r = data.as_slice();
+            while let Ok(_req) = read_frame::<ClientRequest, _>(&mut r, 256, &mut buf).await {}
+            assert!(buf.capacity() <= 1024, "a length prefix made us allocate {}", buf.capacity());
+        }
+    }
 }

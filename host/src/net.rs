@@ -180,23 +180,37 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
 /// Accept peer connections until the listener is dropped with the task.
 pub async fn serve(listener: TcpListener, raft: Raft, token: String) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "peer accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    accept_loop(listener, "raft", move |stream| {
         let raft = raft.clone();
         let token = token.clone();
-        tokio::spawn(async move {
+        async move {
             if let Err(e) = serve_conn(stream, &raft, &token).await {
-                tracing::debug!(%peer, error = %e, "peer connection closed");
+                tracing::debug!(error = %e, "peer connection closed");
             }
-        });
+        }
+    })
+    .await;
+}
+
+/// Accept connections for ever, each served by its own task. A failed accept (out of
+/// file descriptors, say) is logged and retried after a pause rather than ending the
+/// server.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, serve: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

@@ -187,7 +187,13 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     let initialized = raft.is_initialized().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if !initialized && opts.join.is_empty() {
         if existing {
-            tracing::warn!("data dir exists but holds no membership; bootstrapping a new cluster");
+            // A node that bootstraps records its membership at once, so this one was
+            // started to join and never got in: bootstrapping now would split the cluster.
+            raft.shutdown().await.ok();
+            return Err(StartError::Input(format!(
+                "{} belongs to a node that has not joined a cluster yet; start it with --join",
+                data_dir.display()
+            )));
         }
         tracing::info!(id = opts.id, "bootstrapping a one-node cluster");
         raft.initialize(BTreeMap::from([(opts.id, me.clone())]))

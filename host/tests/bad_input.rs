@@ -182,6 +182,28 @@ fn t40_client_port_survives_garbage() {
     assert_still_serving(&mut c, "garbage");
 }
 
+/// The peer port: strangers' garbage, a hello with a huge frame, and a valid hello
+/// followed by an undecodable request must not disturb a 2-node cluster.
+#[test]
+fn t43_raft_port_survives_garbage() {
+    let mut c = Cluster::start(2, "kvstore", &[]);
+    for node in 0..2 {
+        let addr = c.nodes[node].raft_addr.clone();
+        for seed in 1..=3 {
+            send_and_hang_up(&addr, &noise(4096, seed));
+        }
+        send_and_hang_up(&addr, &[0x7f, 0xff, 0xff, 0xff, 1, 2, 3]);
+        // A well-formed hello (kind 0, empty token), then a frame of garbage.
+        let hello = [0u8, 0, 0, 2, 0x08, 0x00];
+        let junk = [0u8, 0, 0, 4, 0x08, 0x01, 0x12, 0x7f];
+        let mut both = hello.to_vec();
+        both.extend_from_slice(&junk);
+        send_and_hang_up(&addr, &both);
+    }
+    assert_still_serving(&mut c, "peer-garbage");
+    c.wait_converged();
+}
+
 #[test]
 fn t41_client_port_survives_oversized_length_prefix() {
     let mut c = Cluster::start(1, "kvstore", &[]);

@@ -1,5 +1,6 @@
 //! The protobuf form of a kvstore command, declared by hand so that building a guest
-//! needs no `protoc`. Clients and host tests that encode commands should mirror:
+//! needs no `protoc`. Rust clients use this module (`kv` and `loadgen` do); others
+//! should mirror:
 //!
 //! ```proto
 //! syntax = "proto3";
@@ -24,6 +25,11 @@ pub enum Op {
     Get = 0,
     Set = 1,
     Delete = 2,
+}
+
+/// Encode a command for `apply` (set, delete) or `query` (get).
+pub fn encode(op: Op, key: &str, value: &[u8]) -> Vec<u8> {
+    prost::Message::encode_to_vec(&Command { op: op as i32, key: key.to_string(), value: value.to_vec() })
 }
 
 #[cfg(test)]

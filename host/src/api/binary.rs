@@ -17,18 +17,7 @@ use crate::proto::{ClientRequest, ClientResponse, Code, RequestKind};
 const MAX_IN_FLIGHT: usize = 1024;
 
 pub async fn serve(listener: TcpListener, app: Arc<App>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_conn(stream, app.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "client accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::net::accept_loop(listener, "client", move |stream| serve_conn(stream, app.clone())).await;
 }
 
 async fn serve_conn(stream: TcpStream, app: Arc<App>) {

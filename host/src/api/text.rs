@@ -15,18 +15,7 @@ use super::{App, Outcome};
 const MAX_LINE: usize = (1 << 20) + 1024;
 
 pub async fn serve(listener: TcpListener, app: Arc<App>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_conn(stream, app.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "text accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::net::accept_loop(listener, "text", move |stream| serve_conn(stream, app.clone())).await;
 }
 
 /// Whether a line is one of the three commands; anything else never reaches the log.

@@ -4,8 +4,8 @@
 //! any guest.
 
 use clap::{Parser, Subcommand};
-use host::client::kv::{encode, Op};
 use host::client::{Client, ClientError};
+use kvstore::proto::{encode, Op};
 
 #[derive(Parser)]
 #[command(name = "kv", version, about = "Client for a cluster running the kvstore guest")]

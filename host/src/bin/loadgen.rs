@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use host::client::kv::{encode, Op};
 use host::client::{Client, ClientError};
+use kvstore::proto::{encode, Op};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]

@@ -95,7 +95,7 @@ impl LogStore {
         let (segments, entries, offsets) = load_segments(dir, last_purged)?;
         let mem = Arc::new(Mutex::new(LogMem { entries, last_purged }));
         let (tx, rx) = mpsc::channel();
-        let writer = Writer { dir: dir.to_path_buf(), segments, offsets, fsync };
+        let writer = Writer { dir: dir.to_path_buf(), segments, offsets, fsync, committed_file: None };
         std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run(&rx))?;
         Ok(LogStore {
             mem,
@@ -350,6 +350,8 @@ struct Writer {
     /// index -> (segment first index, byte offset), for truncation.
     offsets: BTreeMap<u64, (u64, u64)>,
     fsync: bool,
+    /// Kept open: the hint is rewritten after nearly every batch.
+    committed_file: Option<File>,
 }
 
 impl Writer {
@@ -478,10 +480,15 @@ impl Writer {
         Ok(())
     }
 
-    fn write_committed(&self, committed: Option<LogId>) -> io::Result<()> {
+    fn write_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         let mut data = Vec::new();
         encode_record(&committed, &mut data).map_err(io::Error::other)?;
-        let f = OpenOptions::new().write(true).create(true).truncate(false).open(self.dir.join("committed"))?;
+        let f = match &mut self.committed_file {
+            Some(f) => f,
+            None => self
+                .committed_file
+                .insert(OpenOptions::new().write(true).create(true).truncate(false).open(self.dir.join("committed"))?),
+        };
         f.write_all_at(&data, 0)?;
         f.set_len(data.len() as u64)
     }
@@ -542,8 +549,13 @@ mod tests {
     async fn truncate_and_purge_persist() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let mut w =
-                Writer { dir: dir.path().to_path_buf(), segments: Vec::new(), offsets: BTreeMap::new(), fsync: true };
+            let mut w = Writer {
+                dir: dir.path().to_path_buf(),
+                segments: Vec::new(),
+                offsets: BTreeMap::new(),
+                fsync: true,
+                committed_file: None,
+            };
             // Three segments of 10 entries each, written through the writer itself.
             for seg in 0..3u64 {
                 let mut records = Vec::new();
@@ -569,7 +581,13 @@ mod tests {
     #[tokio::test]
     async fn committed_hint_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let w = Writer { dir: dir.path().to_path_buf(), segments: Vec::new(), offsets: BTreeMap::new(), fsync: true };
+        let mut w = Writer {
+            dir: dir.path().to_path_buf(),
+            segments: Vec::new(),
+            offsets: BTreeMap::new(),
+            fsync: true,
+            committed_file: None,
+        };
         let c = LogId::new(CommittedLeaderId::new(3, 1), 66);
         w.write_committed(Some(c)).expect("write");
         let mut store = LogStore::open(dir.path(), true).expect("open");
