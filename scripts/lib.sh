@@ -3,7 +3,7 @@
 
 # Guests built for wasm32-wasip2. One list, so that building, linting and excluding them
 # from the native test run cannot drift apart when a guest is added.
-GUESTS=(kvstore faulty notfsm)
+GUESTS=(kvstore diskstorage faulty notfsm)
 WASM_TARGET=wasm32-wasip2
 WASM_OUT=target/$WASM_TARGET/release
 

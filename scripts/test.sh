@@ -10,7 +10,7 @@ bash scripts/build.sh
 
 # Guests are cdylibs for wasm32-wasip2, but their logic is plain Rust that also tests
 # natively, which is quicker than going through a host.
-cargo test --release -p kvstore
+cargo test --release -p kvstore -p diskstorage
 
 # --release so the test binaries reuse the release dependencies build.sh compiled and run
 # against the release host, kv and guests it produced.

@@ -227,3 +227,34 @@ fn t50_loading_rejects_what_is_not_a_state_machine() {
     assert!(matches!(e, LoadError::WrongContract { .. }), "{e}");
     assert!(e.to_string().contains("state-machine"), "{e}");
 }
+
+/// The guest sees only its own directory: paths outside it, `..`, and symlinks leading out
+/// (made by the guest or placed by the host) give error results, never data.
+#[tokio::test]
+async fn t60_guest_cannot_leave_its_directory() {
+    let module = module();
+    let mut r = Replica::new(&module);
+    let guest_dir = r._dir.path().join("guest");
+    std::os::unix::fs::symlink("/etc", guest_dir.join("escape")).expect("host-side symlink");
+    let probes = [
+        "write-/data/ok-hello",
+        "read-/data/ok",
+        "read-/etc/passwd",
+        "read-/data/../../etc/passwd",
+        "read-../etc/passwd",
+        "read-/data/escape/passwd",
+        "symlink-/etc-/data/link",
+        "read-/data/link/passwd",
+        "symlink-../../..-/data/up",
+        "read-/data/up/etc/passwd",
+    ];
+    let got = r.apply(&entries(&probes)).await;
+    assert_eq!(got[0], Ok(String::new()), "writing inside /data works");
+    assert_eq!(got[1], Ok("5".to_string()), "and reads back");
+    assert_eq!(std::fs::read(guest_dir.join("ok")).expect("the file is in the guest dir"), b"hello");
+    for (i, probe) in probes.iter().enumerate().skip(2) {
+        if probe.starts_with("read-") {
+            assert!(got[i].is_err(), "{probe} must fail, got {:?}", got[i]);
+        }
+    }
+}

@@ -1,8 +1,14 @@
 //! faulty: a state machine that misbehaves on request, so host tests can exercise trap
-//! rollback, fuel exhaustion, memory limits and error results. Not for deployment.
+//! rollback, fuel exhaustion, memory limits, error results and the filesystem sandbox.
+//! Not for deployment.
 //!
-//! Commands (text): `add-N`, `add-then-trap-N`, `spin`, `grow`, `fail`.
-//! Query: `get`. State: one `i64`.
+//! Commands (text): `add-N`, `add-then-trap-N`, `spin`, `grow`, `fail`, and the sandbox
+//! probes `read-PATH`, `write-PATH-DATA` and `symlink-TARGET-LINK` (a write's PATH and a
+//! symlink's TARGET end at the first `-`). Query: `get`. State: one `i64`.
+//!
+//! The files the probes touch are not part of the replicated state: they are in neither
+//! the snapshot nor the digest, and a rebuilt instance does not redo them. That breaks the
+//! state-machine contract, which a test-only guest may do.
 
 use std::cell::{Cell, RefCell};
 
@@ -54,6 +60,17 @@ fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
     if let Some(n) = text.strip_prefix("add-") {
         return add(n).map(|value| value.to_string().into_bytes());
     }
+    if let Some(path) = text.strip_prefix("read-") {
+        return std::fs::read(path).map(|bytes| bytes.len().to_string().into_bytes()).map_err(|e| e.to_string());
+    }
+    if let Some(rest) = text.strip_prefix("write-") {
+        let (path, data) = rest.split_once('-').ok_or_else(|| "expected write-PATH-DATA".to_string())?;
+        return std::fs::write(path, data).map(|()| Vec::new()).map_err(|e| e.to_string());
+    }
+    if let Some(rest) = text.strip_prefix("symlink-") {
+        let (target, link) = rest.split_once('-').ok_or_else(|| "expected symlink-TARGET-LINK".to_string())?;
+        return symlink(target, link).map(|()| Vec::new());
+    }
     match text {
         "spin" => spin(),
         "grow" => grow(),
@@ -67,6 +84,17 @@ fn add(n: &str) -> Result<i64, String> {
     let value = COUNTER.get().checked_add(n).ok_or_else(|| "counter overflow".to_string())?;
     COUNTER.set(value);
     Ok(value)
+}
+
+/// Creates `link` (a path under `/data`) pointing at `target`, which is stored as given:
+/// whether the sandbox refuses it here or when it is followed is up to the host.
+fn symlink(target: &str, link: &str) -> Result<(), String> {
+    let name = link.strip_prefix("/data/").ok_or_else(|| format!("symlink {link:?} must be under /data/"))?;
+    let (dir, _) = wasip2::filesystem::preopens::get_directories()
+        .into_iter()
+        .find(|(_, path)| path == "/data")
+        .ok_or_else(|| "no /data directory".to_string())?;
+    dir.symlink_at(target, name).map_err(|e| format!("symlink {link:?} -> {target:?}: {e}"))
 }
 
 /// Runs until the host's fuel budget stops it; `black_box` keeps the loop doing work the

@@ -106,9 +106,20 @@ impl StateMachine {
             trapped: BTreeSet::new(),
             metrics,
         };
-        worker.start()?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("state-machine".into()).spawn(move || worker.run(&rx))?;
+        // The first instance is made on the worker thread too: guest file calls block the
+        // calling thread, which must not be a tokio one.
+        let (started_tx, started_rx) = mpsc::channel();
+        std::thread::Builder::new().name("state-machine".into()).spawn(move || match worker.start() {
+            Ok(()) => {
+                let _ = started_tx.send(Ok(()));
+                worker.run(&rx);
+            }
+            Err(e) => {
+                let _ = started_tx.send(Err(e));
+            }
+        })?;
+        started_rx.recv().map_err(|_| anyhow::anyhow!("the state-machine thread died while starting"))??;
         Ok(StateMachine { tx, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default() })
     }
 
