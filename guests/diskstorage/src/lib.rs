@@ -5,10 +5,9 @@
 //! blanks the slot. Everything but the WASI glue is plain Rust over the [`disk::Disk`]
 //! trait, so that it can be tested natively.
 
-pub mod command;
+pub use kvcommand::{command, proto};
 pub mod dirty;
 pub mod disk;
-pub mod proto;
 pub mod settings;
 pub mod snapshot;
 pub mod store;

@@ -2,8 +2,7 @@
 //!
 //! Everything but the `guest` glue is plain Rust so that it can be tested natively.
 
-pub mod command;
-pub mod proto;
+pub use kvcommand::{command, proto};
 pub mod settings;
 pub mod snapshot;
 pub mod store;

@@ -5,7 +5,7 @@
 
 use clap::{Parser, Subcommand};
 use host::client::{Client, ClientError};
-use kvstore::proto::{encode, Op};
+use kvcommand::proto::{encode, Op};
 
 #[derive(Parser)]
 #[command(name = "kv", version, about = "Client for a cluster running the kvstore guest")]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use host::client::{Client, ClientError};
-use kvstore::proto::{encode, Op};
+use kvcommand::proto::{encode, Op};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]

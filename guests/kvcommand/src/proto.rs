@@ -1,6 +1,6 @@
-//! The protobuf form of a diskstorage command, declared by hand so that building a guest
-//! needs no `protoc`. It is the message kvstore accepts, so its clients work here
-//! unchanged (with integer keys); others should mirror:
+//! The protobuf form of a key/value command, declared by hand so that building a guest
+//! needs no `protoc`. Rust clients use this module (`kv` and `loadgen` do); others
+//! should mirror:
 //!
 //! ```proto
 //! syntax = "proto3";

@@ -1,0 +1,7 @@
+//! The commands the key/value guests (`kvstore`, `diskstorage`) accept, and that their
+//! clients (`kv`, `loadgen`) send: the original text lines `get-K`, `set-K-V`, `delete-K`
+//! and a small protobuf message. One crate, so guests and clients cannot drift apart.
+//! Plain Rust, built natively for clients and for wasm32 inside the guests.
+
+pub mod command;
+pub mod proto;
