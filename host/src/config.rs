@@ -87,6 +87,11 @@ pub struct Opts {
     #[arg(long, env = "HOST_PROPOSAL_TIMEOUT_MS", default_value_t = 10_000)]
     pub proposal_timeout_ms: u64,
 
+    /// Write one JSON line of resource samples (applied/s, CPU, RSS, disk and network
+    /// bytes) per second to this file.
+    #[arg(long, env = "HOST_MONITOR")]
+    pub monitor: Option<PathBuf>,
+
     /// Proposal batches in flight (handed to Raft, not yet applied). New proposals
     /// gather into the next batch meanwhile: 1 maximises batching, more overlaps the
     /// leader's fsync with replication.

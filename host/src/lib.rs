@@ -13,6 +13,7 @@
 //! - [`client`]: the client library (`kv`, tests, forwarding).
 //! - [`codec`], [`proto`]: frames and wire messages.
 //! - [`metrics`]: counters for `/metrics`.
+//! - [`monitor`]: `--monitor FILE`, resource samples once a second.
 
 pub mod admin;
 pub mod api;
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod config;
 pub mod fsm;
 pub mod metrics;
+pub mod monitor;
 pub mod net;
 pub mod node;
 pub mod proto;

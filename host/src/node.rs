@@ -118,6 +118,13 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     };
 
     let metrics = Arc::new(Metrics::default());
+    let _monitor = match &opts.monitor {
+        Some(path) => Some(
+            crate::monitor::start(path, Duration::from_secs(1), metrics.clone())
+                .map_err(|e| StartError::Input(format!("--monitor {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let log = LogStore::open(&data_dir.join("log"), !opts.no_fsync)
         .map_err(|e| anyhow::anyhow!("opening the log in {}: {e}", data_dir.display()))?;
     let sm = StateMachine::open(
