@@ -64,12 +64,9 @@ pub fn start(path: &Path, interval: Duration, metrics: Arc<Metrics>) -> std::io:
         let started = Instant::now();
         let mut last = Instant::now();
         let mut next = started + interval;
-        loop {
-            match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // Stopped: whatever was written is flushed below.
-                _ => break,
-            }
+        // Anything but a timeout means "stop": whatever was written is flushed below.
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(next.saturating_duration_since(Instant::now()))
+        {
             next += interval;
             refresh(&mut sys, pid);
             nets.refresh(true);
