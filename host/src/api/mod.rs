@@ -36,7 +36,11 @@ pub struct App {
     forwarder: tokio::sync::OnceCell<Client>,
     /// Into the batcher, which turns concurrent proposals into one log entry.
     proposals: mpsc::Sender<Proposal>,
+    /// Into the read barrier, which confirms leadership once for all reads waiting.
+    reads: mpsc::Sender<ReadWaiter>,
 }
+
+type ReadWaiter = oneshot::Sender<Result<(), Outcome>>;
 
 type Proposal = (Vec<u8>, oneshot::Sender<Outcome>);
 
@@ -94,10 +98,13 @@ impl App {
     ) -> Self {
         let (proposals, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
         tokio::spawn(batcher(raft.clone(), rx, proposal_timeout, max_inflight_batches));
+        let (reads, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
+        tokio::spawn(read_barrier(raft.clone(), rx, proposal_timeout));
         App {
             id,
             me,
             proposals,
+            reads,
             raft,
             sm,
             metrics,
@@ -115,13 +122,6 @@ impl App {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.membership_config.membership().get_node(&id).cloned()
-    }
-
-    fn leader_client_addr<N>(&self, f: &ForwardToLeader<NodeId, N>) -> Option<String>
-    where
-        N: openraft::Node,
-    {
-        f.leader_id.and_then(|id| self.member(id)).map(|m| m.client_addr)
     }
 
     /// Write through the log: answered once committed on a majority and applied here.
@@ -153,25 +153,27 @@ impl App {
     pub async fn query(&self, request: Vec<u8>, stale_ok: bool) -> Outcome {
         self.metrics.queries.fetch_add(1, Ordering::Relaxed);
         if !stale_ok {
-            match tokio::time::timeout(self.proposal_timeout, self.raft.ensure_linearizable()).await {
-                Err(_) => return self.query_failed("could not confirm leadership in time".into()),
-                Ok(Ok(_)) => {}
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+            let (tx, rx) = oneshot::channel();
+            let confirmed = match self.reads.send(tx).await {
+                Ok(()) => rx.await.unwrap_or_else(|_| Err(Outcome::Rejected("member is stopping".into()))),
+                Err(_) => Err(Outcome::Rejected("member is stopping".into())),
+            };
+            match confirmed {
+                Ok(()) => {}
+                Err(o @ Outcome::NotLeader(_)) => {
                     self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
-                    return Outcome::NotLeader(self.leader_client_addr(&f));
+                    return o;
                 }
-                Ok(Err(e)) => return self.query_failed(format!("could not confirm leadership: {e}")),
+                Err(o) => {
+                    self.metrics.query_errors.fetch_add(1, Ordering::Relaxed);
+                    return o;
+                }
             }
         }
         match self.sm.query(request).await {
             Ok(v) => Outcome::Ok(v),
             Err(e) => Outcome::GuestError(e),
         }
-    }
-
-    fn query_failed(&self, why: String) -> Outcome {
-        self.metrics.query_errors.fetch_add(1, Ordering::Relaxed);
-        Outcome::Rejected(why)
     }
 
     /// Propose, and if this member is not the leader, pass the command on to the leader
@@ -247,15 +249,7 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
                     // Either not the leader, or the entry was truncated by a new leader (so it
                     // was never committed): definite in both cases.
                     Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
-                        let leader = f.leader_id.and_then(|id| {
-                            raft.metrics()
-                                .borrow()
-                                .membership_config
-                                .membership()
-                                .get_node(&id)
-                                .map(|m| m.client_addr.clone())
-                        });
-                        Err(Outcome::NotLeader(leader))
+                        Err(Outcome::NotLeader(leader_client_addr(&raft, &f)))
                     }
                     Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => Err(Outcome::Rejected(e.to_string())),
                 };
@@ -279,5 +273,34 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
                 }
             }
         });
+    }
+}
+
+/// The client address of the leader a `ForwardToLeader` points at, if known.
+fn leader_client_addr<N: openraft::Node>(raft: &Raft, f: &ForwardToLeader<NodeId, N>) -> Option<String> {
+    let id = f.leader_id?;
+    raft.metrics().borrow().membership_config.membership().get_node(&id).map(|m| m.client_addr.clone())
+}
+
+/// Linearizable reads without a quorum round each: every read waiting when a round starts
+/// is answered by that round. Safe because the round starts after each of those reads
+/// arrived, so its read index covers every write acknowledged before any of them.
+async fn read_barrier(raft: Raft, mut rx: mpsc::Receiver<ReadWaiter>, timeout: Duration) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let res = match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
+            Err(_) => Err(Outcome::Rejected("could not confirm leadership in time".into())),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(Outcome::NotLeader(leader_client_addr(&raft, &f)))
+            }
+            Ok(Err(e)) => Err(Outcome::Rejected(format!("could not confirm leadership: {e}"))),
+        };
+        for w in waiters {
+            let _ = w.send(res.clone());
+        }
     }
 }

@@ -401,8 +401,31 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts node `id` with its data and log under `dir`. Does not wait for it.
+    /// Starts node `id` with its data and log under `dir`. Waits only until it serves
+    /// `/status` or exits: a free port found by binding port 0 can be taken by another
+    /// test (or an outgoing connection) before the node binds it, so a node that exits
+    /// because an address is in use is started again on other ports.
     pub fn start(id: u64, dir: &Path, fsm: &Path, extra: &[String], join: Option<&str>) -> Node {
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 1;
+        loop {
+            let mut node = Node::launch_on_free_ports(id, dir, fsm, extra, join);
+            let settled = poll_until(TIMEOUT, || match node.exited() {
+                Some(status) => Ok(Some(status)),
+                None if try_status(&node.admin_addr).is_ok() => Ok(None),
+                None => Err("neither serving nor exited".to_string()),
+            });
+            let clash =
+                matches!(settled, Ok(Some(_))) && file_tail(&node.log_path, 5).contains("Address already in use");
+            if !clash || attempt == ATTEMPTS {
+                return node;
+            }
+            attempt += 1;
+            node.child = None;
+        }
+    }
+
+    fn launch_on_free_ports(id: u64, dir: &Path, fsm: &Path, extra: &[String], join: Option<&str>) -> Node {
         let ports = free_ports(4);
         let addr = |port: u16| format!("127.0.0.1:{port}");
         let data_dir = dir.join(format!("node-{id}"));
