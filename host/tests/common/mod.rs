@@ -63,6 +63,10 @@ pub fn kv_exe() -> PathBuf {
     binary(option_env!("CARGO_BIN_EXE_kv"), "kv")
 }
 
+pub fn loadgen_exe() -> PathBuf {
+    binary(option_env!("CARGO_BIN_EXE_loadgen"), "loadgen")
+}
+
 /// A guest component, e.g. `guest("kvstore")`.
 pub fn guest(name: &str) -> PathBuf {
     let path = target_dir().join("wasm32-wasip2").join("release").join(format!("{name}.wasm"));
