@@ -170,7 +170,6 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     };
     let app = Arc::new(App::new(
         opts.id,
-        me.clone(),
         raft.clone(),
         sm,
         metrics,

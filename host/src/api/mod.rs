@@ -23,11 +23,9 @@ use crate::types::{Member, NodeId, Raft, Request};
 /// Shared state of a running member, handed to every server.
 pub struct App {
     pub id: NodeId,
-    pub me: Member,
     pub raft: Raft,
     pub sm: StateMachine,
     pub metrics: Arc<Metrics>,
-    pub proposal_timeout: Duration,
     pub max_frame: usize,
     pub token: String,
     pub fsm_sha256: String,
@@ -85,7 +83,6 @@ impl App {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: NodeId,
-        me: Member,
         raft: Raft,
         sm: StateMachine,
         metrics: Arc<Metrics>,
@@ -102,13 +99,11 @@ impl App {
         tokio::spawn(read_barrier(raft.clone(), rx, proposal_timeout));
         App {
             id,
-            me,
             proposals,
             reads,
             raft,
             sm,
             metrics,
-            proposal_timeout,
             max_frame,
             token,
             fsm_sha256,
