@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Runs the experiment matrix against fresh local 3-node clusters.
+
+    python3 scripts/experiments.py            # the full default matrix
+    python3 scripts/experiments.py --quick    # a tiny matrix, about half a minute
+    python3 scripts/experiments.py --help
+
+Matrix: configuration x guest x clients x value size x get ratio. Every (configuration,
+guest) pair gets a fresh cluster (diskstorage: one per value size too, because the slot
+size is part of the guest's settings), and every cell of the rest runs one loadgen against
+it. Results go to RUN_DIR/results.csv; RUN_DIR also keeps each run's per-second series,
+each member's --monitor file and log, and runs.jsonl (everything loadgen printed, plus
+the wall-clock window of each run, which plot.py uses to cut the monitor files).
+
+Members are started here rather than through scripts/cluster.sh because cluster.sh gives
+every host the same flags, and each member needs its own --monitor file.
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+# Named cluster configurations: extra flags given to every host. Add new ones here; a
+# "{run}" in a flag becomes the member's own directory under the run directory, so
+# per-member paths (e.g. "--log-commands", "{run}/commands") stay apart.
+CONFIGS = [
+    {"name": "notlog", "host_flags": []},
+]
+
+NODES = 3
+ROOT = Path(__file__).resolve().parent.parent
+HOST = ROOT / "target/release/host"
+LOADGEN = ROOT / "target/release/loadgen"
+WASM_DIR = ROOT / "target/wasm32-wasip2/release"
+START_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 15
+DISK_FILE_SIZE = 256 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+RESULT_COLUMNS = [
+    "config", "guest", "clients", "value_size", "get_ratio", "ops", "ops_per_s",
+    "p50_us", "p90_us", "p99_us", "errors", "unknown_outcomes", "cpu_us_per_op",
+]
+
+
+def guest_config(guest, value_size, keys):
+    """--fsm-config settings of a guest; they must match on every member."""
+    if guest == "diskstorage":
+        # Every key must have a slot in the file; the file is sparse, so growing it
+        # beyond 256M for large keys x value sizes costs no disk.
+        size = max(DISK_FILE_SIZE, keys * value_size)
+        return [f"file-size={size}", f"value-size={value_size}"]
+    return []
+
+
+def client_addr(i):
+    return f"127.0.0.1:{11000 + i - 1}"
+
+
+def raft_addr(i):
+    return f"127.0.0.1:{12000 + i - 1}"
+
+
+def admin_addr(i):
+    return f"127.0.0.1:{13000 + i - 1}"
+
+
+def text_addr(i):
+    return f"127.0.0.1:{15000 + i - 1}"
+
+
+def port_in_use(addr):
+    host, port = addr.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def status(i):
+    try:
+        with urllib.request.urlopen(f"http://{admin_addr(i)}/status", timeout=2) as r:
+            return json.load(r)
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may contain spaces; fields after it are fixed.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Cluster:
+    def __init__(self, directory, wasm, flags):
+        self.dir = directory
+        self.wasm = wasm
+        self.flags = flags
+        self.procs = {}
+
+    def node_dir(self, i):
+        return self.dir / f"node-{i}"
+
+    def _spawn(self, i, extra):
+        nd = self.node_dir(i)
+        nd.mkdir(parents=True, exist_ok=True)
+        flags = [f.replace("{run}", str(nd)) for f in self.flags]
+        cmd = [
+            str(HOST), "--fsm", str(self.wasm), "--id", str(i),
+            "--client-addr", client_addr(i), "--raft-addr", raft_addr(i),
+            "--admin-addr", admin_addr(i), "--text-addr", text_addr(i),
+            "--data-dir", str(nd / "data"),
+            "--monitor", str(self.dir / f"monitor-node{i}.jsonl"),
+            *extra, *flags,
+        ]
+        log = open(self.dir / f"node-{i}.log", "ab")
+        self.procs[i] = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C at the terminal reaches us, not them
+        )
+        log.close()
+
+    def _wait(self, why, check):
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not check():
+            for i, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(
+                        f"node {i} exited ({p.returncode}) while waiting for {why}; "
+                        f"see {self.dir / f'node-{i}.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {START_TIMEOUT_S}s waiting for {why}")
+            time.sleep(0.2)
+
+    def start(self):
+        # Fixed ports: another cluster holding them would answer our /status checks.
+        for i in range(1, NODES + 1):
+            for addr in (client_addr(i), raft_addr(i), admin_addr(i), text_addr(i)):
+                if port_in_use(addr):
+                    raise RuntimeError(
+                        f"{addr} is in use (another cluster? scripts/cluster.sh stop)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._spawn(1, [])
+        self._wait("node 1 to become leader",
+                   lambda: (status(1) or {}).get("state") == "Leader")
+        for i in range(2, NODES + 1):
+            self._spawn(i, ["--join", admin_addr(1)])
+        self._wait(f"{NODES} voters", lambda: sum(
+            1 for m in (status(1) or {}).get("members", []) if m.get("voter")) == NODES)
+
+    def cpu_total(self):
+        return sum(cpu_seconds(p.pid) for p in self.procs.values())
+
+    def stop(self):
+        live = [p for p in self.procs.values() if p.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in live:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"  pid {p.pid} ignored SIGTERM for {STOP_TIMEOUT_S}s, SIGKILL",
+                      file=sys.stderr)
+                p.kill()
+                p.wait()
+
+
+def run_loadgen(cluster, args, clients, value_size, get_ratio, series):
+    cmd = [
+        str(LOADGEN), "--cluster", ",".join(client_addr(i) for i in range(1, NODES + 1)),
+        "--clients", str(clients), "--duration", f"{args.duration}s",
+        "--warmup", f"{args.warmup}s", "--keys", str(args.keys),
+        "--value-size", str(value_size), "--get-ratio", str(get_ratio),
+        "--series-out", str(series),
+    ]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The CPU window matches loadgen's measured period: warm-up excluded.
+        time.sleep(args.warmup)
+        cpu0, t_measure = cluster.cpu_total(), time.time()
+        out, err = p.communicate(timeout=args.duration + 60)
+        cpu1, t1 = cluster.cpu_total(), time.time()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if p.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({p.returncode}): {err.strip()}")
+    line = next((l for l in reversed(out.splitlines()) if l.startswith("{")), None)
+    if line is None:
+        raise RuntimeError(f"no JSON from loadgen: {out!r} {err!r}")
+    summary = json.loads(line)
+    ops = summary.get("ops", 0)
+    cpu_us = (cpu1 - cpu0) * 1e6
+    return summary, {
+        "cpu_s": round(cpu1 - cpu0, 3),
+        "cpu_us_per_op": round(cpu_us / ops, 1) if ops else "",
+        "t_start_ms": int(t0 * 1000),
+        "t_measure_ms": int(t_measure * 1000),
+        "t_end_ms": int(t1 * 1000),
+    }
+
+
+def parse_list(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x.strip()]
+
+
+def main():
+    names = [c["name"] for c in CONFIGS]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", type=parse_list(str), default=names,
+                    help=f"comma-separated, of {','.join(names)} (default: all)")
+    ap.add_argument("--guests", type=parse_list(str), default=["kvstore", "diskstorage"],
+                    help="default kvstore,diskstorage")
+    ap.add_argument("--clients", type=parse_list(int), help="default 1,8,32")
+    ap.add_argument("--value-sizes", type=parse_list(int), help="default 1024")
+    ap.add_argument("--get-ratios", type=parse_list(float), help="default 0.0,0.5")
+    ap.add_argument("--duration", type=float,
+                    help="seconds per run, warm-up included (default 5)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds not measured (default 1)")
+    ap.add_argument("--keys", type=int, default=100000, help="default 100000")
+    ap.add_argument("--pause", type=float, default=1.0,
+                    help="seconds between runs, so one run's backlog does not leak into the next (default 1)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="run directory (default run/experiments/<UTC timestamp>)")
+    ap.add_argument("--quick", action="store_true",
+                    help="clients 1,8; value size 1024; get ratio 0.5; 3 s runs")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep the members' data directories afterwards")
+    args = ap.parse_args()
+    # --quick changes only what was not given explicitly.
+    defaults = ({"clients": [1, 8], "value_sizes": [1024], "get_ratios": [0.5], "duration": 3.0}
+                if args.quick else
+                {"clients": [1, 8, 32], "value_sizes": [1024], "get_ratios": [0.0, 0.5],
+                 "duration": 5.0})
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.warmup >= args.duration:
+        ap.error("--warmup must be shorter than --duration")
+    by_name = {c["name"]: c for c in CONFIGS}
+    for c in args.configs:
+        if c not in by_name:
+            ap.error(f"unknown configuration {c!r} (known: {', '.join(names)})")
+    for g in args.guests:
+        if not (WASM_DIR / f"{g}.wasm").is_file():
+            ap.error(f"{WASM_DIR / f'{g}.wasm'} not found: run scripts/build.sh")
+    for exe in (HOST, LOADGEN):
+        if not exe.is_file():
+            ap.error(f"{exe} not found: run scripts/build.sh")
+
+    # One cluster per (config, guest, guest settings).
+    clusters = []
+    for c in args.configs:
+        for g in args.guests:
+            per_vs = bool(guest_config(g, 1, args.keys))
+            for vs_group in ([[v] for v in args.value_sizes] if per_vs else [args.value_sizes]):
+                clusters.append((by_name[c], g, vs_group))
+    cells = len(args.clients) * len(args.get_ratios)
+    n_runs = sum(len(vs) * cells for _, _, vs in clusters)
+    est = n_runs * (args.duration + args.pause + 0.5) + len(clusters) * 6
+    print(f"{n_runs} runs on {len(clusters)} clusters, about {est / 60:.1f} min "
+          f"({args.duration:g}s each)", flush=True)
+
+    run_dir = args.out or ROOT / "run/experiments" / datetime.now(timezone.utc).strftime(
+        "%Y%m%dT%H%M%SZ")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"results in {run_dir}", flush=True)
+
+    # SIGTERM (e.g. from a CI timeout) must still stop the members.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    results_path = run_dir / "results.csv"
+    done = 0
+    failed = 0
+    with open(results_path, "w", newline="") as rf, open(run_dir / "runs.jsonl", "w") as jf:
+        writer = csv.DictWriter(rf, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        for config, guest, vs_group in clusters:
+            name = f"{config['name']}-{guest}"
+            if len(vs_group) == 1 and guest_config(guest, 1, args.keys):
+                name += f"-vs{vs_group[0]}"
+            cdir = run_dir / name
+            flags = list(config["host_flags"])
+            for kv in guest_config(guest, vs_group[0], args.keys):
+                flags += ["--fsm-config", kv]
+            cluster = Cluster(cdir, WASM_DIR / f"{guest}.wasm", flags)
+            print(f"== {name}: starting {NODES} members", flush=True)
+            try:
+                cluster.start()
+                for vs in vs_group:
+                    for gr in args.get_ratios:
+                        for n in args.clients:
+                            done += 1
+                            tag = f"c{n}-vs{vs}-gr{gr:g}"
+                            series = cdir / f"series-{tag}.csv"
+                            try:
+                                summary, extra = run_loadgen(cluster, args, n, vs, gr, series)
+                            except RuntimeError as e:
+                                failed += 1
+                                print(f"  [{done}/{n_runs}] {tag}: FAILED: {e}", flush=True)
+                                continue
+                            row = {
+                                "config": config["name"], "guest": guest, "clients": n,
+                                "value_size": vs, "get_ratio": gr,
+                                **{k: summary.get(k, "") for k in RESULT_COLUMNS[5:-1]},
+                                "ops_per_s": round(summary.get("ops_per_s", 0), 1),
+                                "cpu_us_per_op": extra["cpu_us_per_op"],
+                            }
+                            writer.writerow(row)
+                            rf.flush()
+                            jf.write(json.dumps({
+                                **row, "cluster_dir": name,
+                                "series": str(series.relative_to(run_dir)),
+                                "duration_s": args.duration, "warmup_s": args.warmup,
+                                **extra, "loadgen": summary,
+                            }) + "\n")
+                            jf.flush()
+                            print(f"  [{done}/{n_runs}] {tag}: {summary.get('ops_per_s', 0):,.0f} "
+                                  f"ops/s, p90 {summary.get('p90_us', 0) / 1000:.2f} ms, "
+                                  f"{extra['cpu_us_per_op']} CPU µs/op, "
+                                  f"errors {summary.get('errors', 0)}", flush=True)
+                            time.sleep(args.pause)
+            except RuntimeError as e:
+                failed += 1
+                print(f"  cluster {name} failed: {e}", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted: stopping the members", file=sys.stderr)
+                return 130
+            finally:
+                cluster.stop()
+                if not args.keep_data:
+                    for i in range(1, NODES + 1):
+                        shutil.rmtree(cluster.node_dir(i), ignore_errors=True)
+    print(f"wrote {results_path}" + (f" ({failed} failures)" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
