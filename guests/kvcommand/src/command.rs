@@ -92,6 +92,18 @@ fn unknown(bytes: &[u8]) -> String {
     format!("unknown command {}: expected get-KEY, set-KEY-VALUE, delete-KEY or a protobuf Command", quote(bytes))
 }
 
+/// The key a read-only request asks for: of the commands, only `get` may be a query.
+pub fn query_key(request: &[u8]) -> Result<String, String> {
+    match parse(request)? {
+        Command::Get { key } => Ok(key),
+        other => Err(format!(
+            "query is read-only: {} {} must be proposed as a command",
+            other.name(),
+            quote(other.key().as_bytes())
+        )),
+    }
+}
+
 pub fn quote(bytes: &[u8]) -> String {
     let shown = &bytes[..bytes.len().min(QUOTE_LIMIT)];
     let mut quoted = format!("{:?}", String::from_utf8_lossy(shown));

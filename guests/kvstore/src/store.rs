@@ -151,14 +151,7 @@ impl Store {
     }
 
     pub fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
-        match command::parse(request)? {
-            Command::Get { key } => self.get(&key),
-            other => Err(format!(
-                "query is read-only: {} {} must be proposed as a command",
-                other.name(),
-                command::quote(other.key().as_bytes())
-            )),
-        }
+        self.get(&command::query_key(request)?)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, String> {
