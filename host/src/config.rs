@@ -92,6 +92,11 @@ pub struct Opts {
     #[arg(long, env = "HOST_MONITOR")]
     pub monitor: Option<PathBuf>,
 
+    /// Sample this process's CPU (99 Hz) and write a flame graph (SVG, opens in a browser)
+    /// here on shutdown.
+    #[arg(long, env = "HOST_CPUPROFILE")]
+    pub cpuprofile: Option<PathBuf>,
+
     /// Proposal batches in flight (handed to Raft, not yet applied). New proposals
     /// gather into the next batch meanwhile: 1 maximises batching, more overlaps the
     /// leader's fsync with replication.

@@ -117,6 +117,18 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         None => None,
     };
 
+    let profiler = match &opts.cpuprofile {
+        Some(path) => Some((
+            pprof::ProfilerGuardBuilder::default()
+                .frequency(99)
+                // Sampling inside these would deadlock or crash the unwinder.
+                .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+                .build()
+                .map_err(|e| StartError::Input(format!("--cpuprofile {}: {e}", path.display())))?,
+            path.clone(),
+        )),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let _monitor = match &opts.monitor {
         Some(path) => Some(
@@ -246,6 +258,9 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
+    if let Some((guard, path)) = profiler {
+        write_flamegraph(&guard, &path);
+    }
     outcome
 }
 
@@ -279,5 +294,20 @@ async fn join_cluster(seeds: &[String], req: &JoinRequest, token: &str) -> Resul
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn write_flamegraph(guard: &pprof::ProfilerGuard<'_>, path: &Path) {
+    let written = guard.report().build().map_err(|e| e.to_string()).and_then(|report| {
+        if report.data.is_empty() {
+            // A flame graph of nothing cannot be drawn; an empty file would only mislead.
+            return Err("no samples (the member used almost no CPU)".to_string());
+        }
+        let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+        report.flamegraph(file).map_err(|e| e.to_string())
+    });
+    match written {
+        Ok(()) => tracing::info!(path = %path.display(), "CPU profile written"),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "CPU profile not written"),
     }
 }

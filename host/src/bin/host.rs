@@ -19,7 +19,16 @@ fn main() {
         }
     };
     let code = rt.block_on(async {
-        match host::node::run(opts, shutdown_signal()).await {
+        // Handlers are installed before anything is served: a signal that arrives while
+        // the member starts must stop it gracefully, not kill it.
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("host: cannot watch signals: {e}");
+                return 1;
+            }
+        };
+        match host::node::run(opts, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("host: {e}");
@@ -33,16 +42,14 @@ fn main() {
     std::process::exit(code);
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("host: cannot watch SIGTERM: {e}");
-            std::process::exit(1);
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }
