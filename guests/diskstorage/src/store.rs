@@ -7,44 +7,20 @@ use crate::command::{self, Command};
 use crate::dirty::DirtyBlocks;
 use crate::disk::{is_zero, trim_zeros, Disk};
 use crate::settings::{Settings, SyncMode};
+pub use kvcommand::digest::Digest;
 
 /// How much a full scan reads at a time: large enough that the per-call cost of crossing
 /// into the host vanishes, small enough not to matter for the guest's memory.
 pub const SCAN_BLOCK: usize = 64 * 1024;
 
-/// Order-independent digest of the non-blank slots: their count and the wrapping sum of
-/// each slot's hash. Summing makes it O(1) to update and equal for equal files whatever
-/// history produced them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Digest {
-    count: u64,
-    sum: u128,
-}
-
-impl Digest {
-    pub const LEN: usize = 24;
-
-    pub fn to_bytes(self) -> [u8; Self::LEN] {
-        let mut bytes = [0; Self::LEN];
-        bytes[..8].copy_from_slice(&self.count.to_le_bytes());
-        bytes[8..].copy_from_slice(&self.sum.to_le_bytes());
-        bytes
+/// Accounts in `digest` for slot `key` changing from `old` to `new` (trimmed values;
+/// empty = blank, which the digest does not count).
+fn account(digest: &mut Digest, key: u64, old: &[u8], new: &[u8]) {
+    if !old.is_empty() {
+        digest.remove(slot_hash(key, old));
     }
-
-    pub fn count(self) -> u64 {
-        self.count
-    }
-
-    /// Accounts for a slot changing from `old` to `new` (trimmed values; empty = blank).
-    fn replace(&mut self, key: u64, old: &[u8], new: &[u8]) {
-        if !old.is_empty() {
-            self.count -= 1;
-            self.sum = self.sum.wrapping_sub(slot_hash(key, old));
-        }
-        if !new.is_empty() {
-            self.count += 1;
-            self.sum = self.sum.wrapping_add(slot_hash(key, new));
-        }
+    if !new.is_empty() {
+        digest.add(slot_hash(key, new));
     }
 }
 
@@ -80,7 +56,7 @@ pub fn recount<D: Disk>(disk: &D, settings: &Settings, dirty: &DirtyBlocks) -> R
         let bytes = disk.read_at(key * value_size, (n * value_size) as usize)?;
         if !is_zero(&bytes) {
             for (slot_key, slot) in (key..).zip(bytes.chunks_exact(value_size as usize)) {
-                digest.replace(slot_key, b"", trim_zeros(slot));
+                account(&mut digest, slot_key, b"", trim_zeros(slot));
             }
         }
         key += n;
@@ -237,10 +213,10 @@ impl<D: Disk> Store<D> {
         // A failed write may still have changed part of the slot: the digest follows what
         // the file now holds if that can be read, so it keeps matching a recount.
         match &written {
-            Ok(()) => self.digest.replace(slot.key, trim_zeros(&old), trim_zeros(bytes)),
+            Ok(()) => account(&mut self.digest, slot.key, trim_zeros(&old), trim_zeros(bytes)),
             Err(_) => {
                 if let Ok(now) = self.read_slot(slot) {
-                    self.digest.replace(slot.key, trim_zeros(&old), trim_zeros(&now));
+                    account(&mut self.digest, slot.key, trim_zeros(&old), trim_zeros(&now));
                 }
             }
         }

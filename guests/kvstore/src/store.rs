@@ -6,26 +6,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::command::{self, Command};
 use crate::settings::Settings;
-
-/// Order-independent digest of a set of pairs: the count and the wrapping sum of each
-/// pair's hash. Summing (rather than chaining) makes it O(1) to update and equal for
-/// equal maps whatever order the pairs arrived in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Digest {
-    count: u64,
-    sum: u128,
-}
-
-impl Digest {
-    pub const LEN: usize = 24;
-
-    pub fn to_bytes(self) -> [u8; Self::LEN] {
-        let mut bytes = [0; Self::LEN];
-        bytes[..8].copy_from_slice(&self.count.to_le_bytes());
-        bytes[8..].copy_from_slice(&self.sum.to_le_bytes());
-        bytes
-    }
-}
+pub use kvcommand::digest::Digest;
 
 /// The key length goes first so that ("ab", "c") and ("a", "bc") hash differently.
 fn pair_hash(key: &str, value: &[u8]) -> u128 {
@@ -63,21 +44,19 @@ impl Table {
         match self.map.entry(key) {
             btree_map::Entry::Occupied(mut entry) => {
                 let old = entry.insert(value);
-                let removed = pair_hash(entry.key(), &old);
-                self.digest.sum = self.digest.sum.wrapping_sub(removed).wrapping_add(added);
+                self.digest.remove(pair_hash(entry.key(), &old));
+                self.digest.add(added);
             }
             btree_map::Entry::Vacant(entry) => {
                 entry.insert(value);
-                self.digest.count += 1;
-                self.digest.sum = self.digest.sum.wrapping_add(added);
+                self.digest.add(added);
             }
         }
     }
 
     pub fn remove(&mut self, key: &str) {
         if let Some((key, value)) = self.map.remove_entry(key) {
-            self.digest.count -= 1;
-            self.digest.sum = self.digest.sum.wrapping_sub(pair_hash(&key, &value));
+            self.digest.remove(pair_hash(&key, &value));
         }
     }
 }
