@@ -238,6 +238,9 @@ def main():
                     help="run directory (default run/experiments/<UTC timestamp>)")
     ap.add_argument("--quick", action="store_true",
                     help="clients 1,8; value size 1024; get ratio 0.5; 3 s runs")
+    ap.add_argument("--host-flag", action="append", default=[], metavar="FLAG",
+                    help="one more flag for every host, repeatable; {run} is the member's "
+                         "directory (e.g. --host-flag=--cpuprofile --host-flag={run}/cpu.svg)")
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the members' data directories afterwards")
     args = ap.parse_args()
@@ -296,7 +299,7 @@ def main():
             if len(vs_group) == 1 and guest_config(guest, 1, args.keys):
                 name += f"-vs{vs_group[0]}"
             cdir = run_dir / name
-            flags = list(config["host_flags"])
+            flags = list(config["host_flags"]) + args.host_flag
             for kv in guest_config(guest, vs_group[0], args.keys):
                 flags += ["--fsm-config", kv]
             cluster = Cluster(cdir, WASM_DIR / f"{guest}.wasm", flags)

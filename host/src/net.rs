@@ -1,10 +1,15 @@
 //! Peer RPC: openraft's AppendEntries, Vote and InstallSnapshot over TCP.
 //!
-//! One connection per (local replication stream, target), reused for every call and
-//! re-dialled after any failure. openraft drives each stream with `&mut self`, so calls on a
-//! connection are strictly one at a time: request frame, response frame.
+//! openraft drives each client with `&mut self`, so calls on a connection are strictly one
+//! at a time: request frame, response frame. A client keeps its connection for its whole
+//! life and re-dials after any failure. openraft 0.9 also makes a short-lived client for
+//! every leadership check (each linearizable read round) and election, so connections are
+//! returned to a per-address pool when a client is dropped: without it every read round
+//! cost a TCP connect, a hello and an accept per follower.
 //! The first frame proves membership when a cluster token is set.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
@@ -23,12 +28,27 @@ use crate::types::{Member, NodeId, Raft, TypeConfig};
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
 
-/// Creates a [`PeerClient`] per target; openraft calls it for every replication stream.
+/// Creates a [`PeerClient`] per target; openraft calls it for every replication stream,
+/// leadership check and election.
 #[derive(Clone)]
 pub struct Network {
-    pub id: NodeId,
-    pub token: String,
+    id: NodeId,
+    token: String,
+    idle: Pool,
 }
+
+impl Network {
+    pub fn new(id: NodeId, token: String) -> Self {
+        Network { id, token, idle: Pool::default() }
+    }
+}
+
+/// Idle, hello'd connections by peer address.
+type Pool = Arc<Mutex<HashMap<String, Vec<BufStream<TcpStream>>>>>;
+
+/// Idle connections kept per peer: enough for the replication stream plus a few
+/// concurrent leadership checks; more are closed.
+const MAX_IDLE_PER_PEER: usize = 4;
 
 /// Frame limits on the peer port. Before the hello is accepted the other side is a
 /// stranger, so its frame must be tiny; after it, frames carry up to `max_payload_entries`
@@ -46,7 +66,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.clone(),
             token: self.token.clone(),
             conn: None,
+            reused: false,
+            in_call: false,
             buf: Vec::new(),
+            idle: self.idle.clone(),
         }
     }
 }
@@ -57,7 +80,26 @@ pub struct PeerClient {
     addr: String,
     token: String,
     conn: Option<BufStream<TcpStream>>,
+    /// `conn` came from the pool or has carried a call: the peer may have closed it since.
+    reused: bool,
+    /// A request is written and its response not yet read. If the call's future is
+    /// dropped (a timeout, a replication stream shut down) the connection is out of step
+    /// and must never carry another call.
+    in_call: bool,
     buf: Vec<u8>,
+    idle: Pool,
+}
+
+impl Drop for PeerClient {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take().filter(|_| !self.in_call) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let list = idle.entry(self.addr.clone()).or_default();
+            if list.len() < MAX_IDLE_PER_PEER {
+                list.push(conn);
+            }
+        }
+    }
 }
 
 /// Transport failures, mapped to what openraft should do about them.
@@ -76,13 +118,18 @@ enum Transport {
 impl PeerClient {
     async fn connect(&mut self) -> Result<&mut BufStream<TcpStream>, Transport> {
         if self.conn.is_none() {
+            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.addr).and_then(Vec::pop);
+            self.reused = pooled.is_some();
+            self.conn = pooled;
+        }
+        if self.conn.is_none() {
             let stream = TcpStream::connect(&self.addr)
                 .await
                 .map_err(|e| Transport::Unreachable(format!("connect {}: {e}", self.addr)))?;
             let _ = stream.set_nodelay(true);
             let mut stream = BufStream::new(stream);
             let hello = PeerHello { token: self.token.clone(), from: self.id };
-            let req = PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello) };
+            let req = PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() };
             write_frame(&mut stream, &req)
                 .await
                 .map_err(|e| Transport::Unreachable(format!("hello to {}: {e}", self.addr)))?;
@@ -93,20 +140,25 @@ impl PeerClient {
                 return Err(Transport::Unreachable(format!("{} refused us: {}", self.addr, resp.refused)));
             }
             self.conn = Some(stream);
+            self.reused = false;
         }
         self.conn.as_mut().ok_or_else(|| Transport::Unreachable("no connection".into()))
     }
 
-    async fn roundtrip(&mut self, kind: PeerKind, payload: Vec<u8>) -> Result<Vec<u8>, Transport> {
+    async fn roundtrip(&mut self, kind: PeerKind, payload: bytes::Bytes) -> Result<Vec<u8>, Transport> {
         let max = PEER_MAX_FRAME;
         let mut buf = std::mem::take(&mut self.buf);
         let res = async {
+            self.in_call = true;
             let conn = self.connect().await?;
             let req = PeerRequest { kind: kind as i32, payload };
             write_frame(conn, &req).await.map_err(|e| Transport::Broken(e.to_string()))?;
             let resp: PeerResponse =
                 read_frame(conn, max, &mut buf).await.map_err(|e| Transport::Broken(e.to_string()))?;
+            self.in_call = false;
             if resp.refused.is_empty() {
+                // From now on a break is worth one retry on a fresh connection.
+                self.reused = true;
                 Ok(resp.payload)
             } else {
                 Err(Transport::Unreachable(resp.refused))
@@ -130,10 +182,20 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let res = match tokio::time::timeout(ttl, self.roundtrip(kind, payload)).await {
-            Ok(r) => r,
-            Err(_) => Err(Transport::Timeout),
-        };
+        let payload = bytes::Bytes::from(payload);
+        let res = tokio::time::timeout(ttl, async {
+            match self.roundtrip(kind, payload.clone()).await {
+                // A connection that sat idle may have been closed by the peer (say, it
+                // restarted): once more on a fresh one. Every peer RPC may be repeated.
+                Err(Transport::Broken(_)) if self.reused => {
+                    self.conn = None;
+                    self.roundtrip(kind, payload).await
+                }
+                other => other,
+            }
+        })
+        .await
+        .unwrap_or(Err(Transport::Timeout));
         let bytes = match res {
             Ok(b) => b,
             Err(e) => {
@@ -219,7 +281,7 @@ async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str) -> Result<(), F
     let mut buf = Vec::new();
     let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
     let ok = hello.kind == PeerKind::Hello as i32
-        && <PeerHello as prost::Message>::decode(hello.payload.as_slice()).is_ok_and(|h| h.token == token);
+        && <PeerHello as prost::Message>::decode(hello.payload.as_ref()).is_ok_and(|h| h.token == token);
     if !ok {
         let refused =
             if hello.kind == PeerKind::Hello as i32 { "wrong cluster token" } else { "expected a hello frame first" };

@@ -170,7 +170,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     .validate()
     .map_err(|e| StartError::Input(format!("raft settings: {e}")))?;
 
-    let network = Network { id: opts.id, token: opts.cluster_token.clone().unwrap_or_default() };
+    let network = Network::new(opts.id, opts.cluster_token.clone().unwrap_or_default());
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;

@@ -80,8 +80,9 @@ pub struct PeerHello {
 pub struct PeerRequest {
     #[prost(enumeration = "PeerKind", tag = "1")]
     pub kind: i32,
-    #[prost(bytes = "vec", tag = "2")]
-    pub payload: Vec<u8>,
+    /// `Bytes`, so a retry on a new connection shares the encoded request, not copies it.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub payload: bytes::Bytes,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
