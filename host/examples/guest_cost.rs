@@ -24,8 +24,9 @@ fn main() -> anyhow::Result<()> {
     }
     let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     println!("apply (1 KiB set, {keys} keys): {per:.2} µs/command");
-    let gets: Vec<Vec<u8>> =
-        (0..n).map(|i| kvcommand::proto::encode(kvcommand::proto::Op::Get, &((i * 7919) % keys).to_string(), &[])).collect();
+    let gets: Vec<Vec<u8>> = (0..n)
+        .map(|i| kvcommand::proto::encode(kvcommand::proto::Op::Get, &((i * 7919) % keys).to_string(), &[]))
+        .collect();
     let t = Instant::now();
     for c in &gets {
         let _ = inst.query(c);

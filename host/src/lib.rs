@@ -21,6 +21,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod fsm;
+pub mod lease;
 pub mod metrics;
 pub mod monitor;
 pub mod net;

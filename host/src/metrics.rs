@@ -14,6 +14,7 @@ pub struct Metrics {
     pub proposal_errors: AtomicU64,
     pub queries: AtomicU64,
     pub query_errors: AtomicU64,
+    pub lease_reads: AtomicU64,
     pub redirects: AtomicU64,
     pub bad_requests: AtomicU64,
     pub guest_errors: AtomicU64,
@@ -43,11 +44,16 @@ impl Metrics {
 
     /// Render our counters; `raft` lines (already formatted) are prepended by the caller.
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             ("proposals_total", "Commands proposed through this member", &self.proposals),
             ("proposal_errors_total", "Proposals that failed (not guest errors)", &self.proposal_errors),
             ("queries_total", "Read queries served", &self.queries),
             ("query_errors_total", "Read queries that failed", &self.query_errors),
+            (
+                "lease_reads_total",
+                "Linearizable reads answered under the leader lease, without a quorum round",
+                &self.lease_reads,
+            ),
             ("redirects_total", "Requests answered with the leader's address", &self.redirects),
             ("bad_requests_total", "Malformed frames or requests received", &self.bad_requests),
             ("guest_errors_total", "Entries for which the guest returned an error result", &self.guest_errors),

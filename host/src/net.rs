@@ -23,6 +23,7 @@ use tokio::io::BufStream;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::codec::{read_frame, write_frame, FrameError};
+use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
 use crate::types::{Member, NodeId, Raft, TypeConfig};
 
@@ -35,11 +36,12 @@ pub struct Network {
     id: NodeId,
     token: String,
     idle: Pool,
+    lease: Arc<Lease>,
 }
 
 impl Network {
-    pub fn new(id: NodeId, token: String) -> Self {
-        Network { id, token, idle: Pool::default() }
+    pub fn new(id: NodeId, token: String, lease: Arc<Lease>) -> Self {
+        Network { id, token, idle: Pool::default(), lease }
     }
 }
 
@@ -70,6 +72,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             in_call: false,
             buf: Vec::new(),
             idle: self.idle.clone(),
+            lease: self.lease.clone(),
         }
     }
 }
@@ -88,6 +91,7 @@ pub struct PeerClient {
     in_call: bool,
     buf: Vec<u8>,
     idle: Pool,
+    lease: Arc<Lease>,
 }
 
 impl Drop for PeerClient {
@@ -129,7 +133,8 @@ impl PeerClient {
             let _ = stream.set_nodelay(true);
             let mut stream = BufStream::new(stream);
             let hello = PeerHello { token: self.token.clone(), from: self.id };
-            let req = PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() };
+            let req =
+                PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() };
             write_frame(&mut stream, &req)
                 .await
                 .map_err(|e| Transport::Unreachable(format!("hello to {}: {e}", self.addr)))?;
@@ -224,7 +229,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(PeerKind::AppendEntries, RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await
+        let sent = std::time::Instant::now();
+        let res = self.call(PeerKind::AppendEntries, RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await;
+        // Anything but HigherVote means the follower accepted this leadership (a conflict
+        // is about the log, not the vote) and now refuses other candidates for a while.
+        if rpc.vote.is_committed() && matches!(&res, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.lease.acked(rpc.vote.leader_id(), self.target, sent);
+        }
+        res
     }
 
     async fn install_snapshot(
@@ -241,12 +253,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// Accept peer connections until the listener is dropped with the task.
-pub async fn serve(listener: TcpListener, raft: Raft, token: String) {
+pub async fn serve(listener: TcpListener, raft: Raft, token: String, lease: Arc<Lease>) {
     accept_loop(listener, "raft", move |stream| {
         let raft = raft.clone();
         let token = token.clone();
+        let lease = lease.clone();
         async move {
-            if let Err(e) = serve_conn(stream, &raft, &token).await {
+            if let Err(e) = serve_conn(stream, &raft, &token, &lease).await {
                 tracing::debug!(error = %e, "peer connection closed");
             }
         }
@@ -276,7 +289,7 @@ where
     }
 }
 
-async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str) -> Result<(), FrameError> {
+async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str, lease: &Lease) -> Result<(), FrameError> {
     let mut stream = BufStream::new(stream);
     let mut buf = Vec::new();
     let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
@@ -292,7 +305,7 @@ async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str) -> Result<(), F
     write_frame(&mut stream, &PeerResponse::default()).await?;
     loop {
         let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
-        let resp = match dispatch(raft, &req).await {
+        let resp = match dispatch(raft, lease, &req).await {
             Ok(payload) => PeerResponse { payload, refused: String::new() },
             Err(why) => PeerResponse { payload: Vec::new(), refused: why },
         };
@@ -308,7 +321,13 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
     bincode::serialize(v).map_err(|e| format!("cannot encode response: {e}"))
 }
 
-async fn dispatch(raft: &Raft, req: &PeerRequest) -> Result<Vec<u8>, String> {
+async fn dispatch(raft: &Raft, lease: &Lease, req: &PeerRequest) -> Result<Vec<u8>, String> {
+    // Another member campaigning or leading: this member's lease, if it holds one, must
+    // not be relied on from now on (see `lease`). Revoked before openraft sees the request.
+    lease.revoke();
+    if req.kind == PeerKind::Vote as i32 && !lease.may_vote() {
+        return Err("started moments ago: not voting until promises made before a restart expire".into());
+    }
     match PeerKind::try_from(req.kind) {
         Ok(PeerKind::AppendEntries) => encode(&raft.append_entries(decode(&req.payload)?).await),
         Ok(PeerKind::Vote) => encode(&raft.vote(decode(&req.payload)?).await),

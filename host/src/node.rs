@@ -15,6 +15,7 @@ use crate::admin::{self, config_sha256, JoinReply, JoinRequest};
 use crate::api::{self, App};
 use crate::config::Opts;
 use crate::fsm::{GuestModule, Limits, LoadError};
+use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::net::{self, Network};
 use crate::store::{GuestSpec, LogStore, StateMachine};
@@ -170,7 +171,11 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     .validate()
     .map_err(|e| StartError::Input(format!("raft settings: {e}")))?;
 
-    let network = Network::new(opts.id, opts.cluster_token.clone().unwrap_or_default());
+    let lease = Arc::new(Lease::for_timeouts(
+        Duration::from_millis(config.election_timeout_min),
+        Duration::from_millis(config.election_timeout_max),
+    ));
+    let network = Network::new(opts.id, opts.cluster_token.clone().unwrap_or_default(), lease.clone());
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
@@ -191,10 +196,11 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         module.sha256().to_string(),
         opts.fsm_config.clone(),
         opts.max_inflight_batches,
+        lease.clone(),
     ));
 
     let mut tasks = vec![
-        tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone())),
+        tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone(), lease)),
         tokio::spawn(api::binary::serve(client_l, app.clone())),
         tokio::spawn(admin::serve(admin_l, app.clone())),
     ];

@@ -1,6 +1,7 @@
 //! Clusters of real `host` processes where something is wrong: a guest that traps, runs
-//! out of fuel or memory (every member must answer the same and stay identical), and
-//! nodes that must not join (another guest, other settings, a wrong cluster token).
+//! out of fuel or memory (every member must answer the same and stay identical), nodes
+//! that must not join (another guest, other settings, a wrong cluster token), and a
+//! leader that is paused while the others move on.
 //!
 //! Needs the release binaries and guests from `scripts/build.sh`.
 
@@ -119,4 +120,58 @@ fn t50_node_that_never_joined_does_not_bootstrap_on_restart() {
     let status = wait_exit(&mut node);
     assert_eq!(status.code(), Some(2), "{}", node.log_tail());
     assert!(node.log_tail().contains("has not joined"), "{}", node.log_tail());
+}
+
+fn signal(node: &Node, sig: &str) {
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(node.pid().to_string()).status();
+    assert!(ok.is_ok_and(|s| s.success()), "kill -{sig} node {}", node.id);
+}
+
+/// `wasm_raft_lease_reads_total` from a member's /metrics.
+fn lease_reads(node: &Node) -> u64 {
+    let (_, body) = http_get(&node.admin_addr, "/metrics").expect("GET /metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix("wasm_raft_lease_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lease_reads_total in /metrics:\n{body}"))
+}
+
+/// Reads under the leader lease must stay linearizable: a leader that was paused (think
+/// of a long GC pause or a stalled VM) while the others elected a new leader and took a
+/// write must not answer a read from its old state when it wakes up.
+#[test]
+fn t60_a_paused_leader_serves_no_stale_read() {
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    let old = c.leader();
+    set_acknowledged(&c.client_addrs(), "k", "before");
+    for _ in 0..3 {
+        let out = kv(&c.nodes[old].client_addr, &["get", "k"]);
+        assert_eq!(stdout_of(&out), "before", "{}", stderr_of(&out));
+    }
+    assert!(lease_reads(&c.nodes[old]) > 0, "the leader answered reads without its lease");
+
+    signal(&c.nodes[old], "STOP");
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let old_id = c.nodes[old].id;
+    c.wait_until("a new leader among the others", |c| {
+        for &i in &others {
+            let s = try_status(&c.nodes[i].admin_addr)?;
+            if s["state"] == "Leader" {
+                return Ok(());
+            }
+            if s["leader_id"].as_u64() == Some(old_id) {
+                return Err(format!("node {} still follows the paused leader", i + 1));
+            }
+        }
+        Err("no leader yet".into())
+    });
+    let others_addrs = others.iter().map(|&i| c.nodes[i].client_addr.clone()).collect::<Vec<_>>().join(",");
+    set_acknowledged(&others_addrs, "k", "after");
+
+    // Straight to the old leader, the moment it runs again: it either learns it was
+    // deposed or confirms nothing, and must never say "before".
+    signal(&c.nodes[old], "CONT");
+    let out = kv(&c.nodes[old].client_addr, &["get", "k"]);
+    assert_eq!(stdout_of(&out), "after", "stale read from the resumed old leader: {}", stderr_of(&out));
+    c.wait_converged();
 }

@@ -15,6 +15,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, Raf
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::client::Client;
+use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::proto::{ClientResponse, Code};
 use crate::store::StateMachine;
@@ -36,6 +37,8 @@ pub struct App {
     proposals: mpsc::Sender<Proposal>,
     /// Into the read barrier, which confirms leadership once for all reads waiting.
     reads: mpsc::Sender<ReadWaiter>,
+    /// Lets reads skip the read barrier while no other leader can exist.
+    lease: Arc<Lease>,
 }
 
 type ReadWaiter = oneshot::Sender<Result<(), Outcome>>;
@@ -92,6 +95,7 @@ impl App {
         fsm_sha256: String,
         fsm_config: Vec<(String, String)>,
         max_inflight_batches: usize,
+        lease: Arc<Lease>,
     ) -> Self {
         let (proposals, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
         tokio::spawn(batcher(raft.clone(), rx, proposal_timeout, max_inflight_batches));
@@ -109,7 +113,25 @@ impl App {
             fsm_sha256,
             fsm_config,
             forwarder: tokio::sync::OnceCell::new(),
+            lease,
         }
+    }
+
+    /// Whether a linearizable read may be answered from the local state machine at once:
+    /// this member leads, holds the lease (see `lease`), and has applied an entry of its
+    /// own leadership, hence everything earlier leaders committed.
+    fn may_read_locally(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        if m.state != openraft::ServerState::Leader || !m.vote.is_committed() {
+            return false;
+        }
+        let leadership = m.vote.leader_id();
+        if m.last_applied.as_ref().is_none_or(|a| a.leader_id != *leadership) {
+            return false;
+        }
+        let voter_sets = m.membership_config.membership().get_joint_config();
+        self.lease.holds(self.id, leadership, voter_sets, std::time::Instant::now())
     }
 
     /// A member's entry in the current membership, if it has one.
@@ -147,7 +169,9 @@ impl App {
     /// read waits until the state machine has applied the read index.
     pub async fn query(&self, request: Vec<u8>, stale_ok: bool) -> Outcome {
         self.metrics.queries.fetch_add(1, Ordering::Relaxed);
-        if !stale_ok {
+        if !stale_ok && self.may_read_locally() {
+            self.metrics.lease_reads.fetch_add(1, Ordering::Relaxed);
+        } else if !stale_ok {
             let (tx, rx) = oneshot::channel();
             let confirmed = match self.reads.send(tx).await {
                 Ok(()) => rx.await.unwrap_or_else(|_| Err(Outcome::Rejected("member is stopping".into()))),
