@@ -4,7 +4,12 @@
 //!
 //! - `<first-index>.seg`: segment files of records `[len u32 BE][crc32 u32 BE][bincode entry]`,
 //!   appended in index order. A new segment starts once the current one passes
-//!   [`SEGMENT_BYTES`], so purging deletes whole files.
+//!   [`SEGMENT_BYTES`], so purging deletes whole files. Records end at the first zero
+//!   header: segments after the first are preallocated with zeros.
+//! - `spare.tmp`: the next segment, being zero-filled by a helper thread. On ext4,
+//!   `fdatasync` after overwriting written blocks skips the journal commit that growing a
+//!   file needs: measured here, 116 µs instead of 170 µs per 20 KB append, and every write
+//!   waits for one on the leader and one on a follower.
 //! - `vote`, `purged`: small files replaced atomically (write, fsync, rename, fsync dir).
 //! - `committed`: the last known committed log id, a hint for replay at restart, written
 //!   without fsync (losing it only delays re-applying until the next commit).
@@ -37,7 +42,8 @@ use tokio::sync::oneshot;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Segment size at which the writer starts a new file.
-pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+const SPARE: &str = "spare.tmp";
 const RECORD_HEADER: usize = 8;
 
 /// Entries kept in memory, shared by the store, its readers and the state machine
@@ -95,7 +101,7 @@ impl LogStore {
         let (segments, entries, offsets) = load_segments(dir, last_purged)?;
         let mem = Arc::new(Mutex::new(LogMem { entries, last_purged }));
         let (tx, rx) = mpsc::channel();
-        let writer = Writer { dir: dir.to_path_buf(), segments, offsets, fsync, committed_file: None };
+        let writer = Writer::new(dir, segments, offsets, fsync);
         std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run(&rx))?;
         Ok(LogStore {
             mem,
@@ -239,7 +245,8 @@ fn decode_records<T: DeserializeOwned>(data: &[u8]) -> (Vec<(u64, T)>, usize) {
         let len = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
         let crc = u32::from_be_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
         let body = pos + RECORD_HEADER;
-        if data.len() - body < len || crc32fast::hash(&data[body..body + len]) != crc {
+        // A zero length is the preallocated (zeroed) rest of a segment, not a record.
+        if len == 0 || data.len() - body < len || crc32fast::hash(&data[body..body + len]) != crc {
             break;
         }
         match bincode::deserialize(&data[body..body + len]) {
@@ -318,7 +325,7 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let (records, valid) = decode_records::<Entry>(&data);
-        if valid < data.len() {
+        if data[valid..].iter().any(|b| *b != 0) {
             if i + 1 < count {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -350,11 +357,28 @@ struct Writer {
     /// index -> (segment first index, byte offset), for truncation.
     offsets: BTreeMap<u64, (u64, u64)>,
     fsync: bool,
-    /// Kept open: the hint is rewritten after nearly every batch.
-    committed_file: Option<File>,
+    /// Kept open, with its length: the hint is rewritten after nearly every batch.
+    committed_file: Option<(File, u64)>,
+    /// The next segment, zero-filled by a helper thread once the current one is half full.
+    spare: Option<std::thread::JoinHandle<io::Result<File>>>,
+}
+
+/// Creates `dir/spare.tmp` filled with zeros, durably.
+fn make_spare(dir: &Path) -> io::Result<File> {
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join(SPARE))?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
+        file.write_all(&zeros)?;
+    }
+    file.sync_all()?;
+    Ok(file)
 }
 
 impl Writer {
+    fn new(dir: &Path, segments: Vec<Segment>, offsets: BTreeMap<u64, (u64, u64)>, fsync: bool) -> Self {
+        Writer { dir: dir.to_path_buf(), segments, offsets, fsync, committed_file: None, spare: None }
+    }
+
     fn run(mut self, rx: &mpsc::Receiver<WriteOp>) {
         let mut flushed: Vec<LogFlushed<TypeConfig>> = Vec::new();
         let mut committed_hint = None;
@@ -409,19 +433,35 @@ impl Writer {
         }
     }
 
+    /// The file for a segment starting at `first`: the spare if one was made, else a new
+    /// empty file.
+    fn new_segment_file(&mut self, first: u64) -> io::Result<File> {
+        let path = self.dir.join(segment_name(first));
+        if let Some(spare) = self.spare.take() {
+            match spare.join() {
+                Ok(Ok(file)) => {
+                    fs::rename(self.dir.join(SPARE), &path)?;
+                    return Ok(file);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not preallocate a log segment"),
+                Err(_) => tracing::warn!("the log segment preallocation thread panicked"),
+            }
+        }
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)
+    }
+
     fn append(&mut self, records: &[u8], first: u64, last: u64) -> io::Result<()> {
+        if self.spare.is_none() && self.segments.last().is_some_and(|s| s.len >= SEGMENT_BYTES / 2) {
+            let dir = self.dir.clone();
+            self.spare = std::thread::Builder::new().name("log-prealloc".into()).spawn(move || make_spare(&dir)).ok();
+        }
         let need_new = self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
         if need_new {
             // The previous segment must be durable before a later one can exist.
             if let Some(seg) = self.segments.last() {
                 seg.file.sync_data()?;
             }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(self.dir.join(segment_name(first)))?;
+            let file = self.new_segment_file(first)?;
             sync_dir(&self.dir)?;
             self.segments.push(Segment { first, file, len: 0 });
         }
@@ -483,14 +523,20 @@ impl Writer {
     fn write_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         let mut data = Vec::new();
         encode_record(&committed, &mut data).map_err(io::Error::other)?;
-        let f = match &mut self.committed_file {
+        let (f, len) = match &mut self.committed_file {
             Some(f) => f,
-            None => self
-                .committed_file
-                .insert(OpenOptions::new().write(true).create(true).truncate(false).open(self.dir.join("committed"))?),
+            None => self.committed_file.insert((
+                OpenOptions::new().write(true).create(true).truncate(false).open(self.dir.join("committed"))?,
+                u64::MAX,
+            )),
         };
         f.write_all_at(&data, 0)?;
-        f.set_len(data.len() as u64)
+        // The record has one size once a commit is known: cut only when it changes.
+        if *len != data.len() as u64 {
+            f.set_len(data.len() as u64)?;
+            *len = data.len() as u64;
+        }
+        Ok(())
     }
 }
 
@@ -549,13 +595,7 @@ mod tests {
     async fn truncate_and_purge_persist() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let mut w = Writer {
-                dir: dir.path().to_path_buf(),
-                segments: Vec::new(),
-                offsets: BTreeMap::new(),
-                fsync: true,
-                committed_file: None,
-            };
+            let mut w = Writer::new(dir.path(), Vec::new(), BTreeMap::new(), true);
             // Three segments of 10 entries each, written through the writer itself.
             for seg in 0..3u64 {
                 let mut records = Vec::new();
@@ -578,16 +618,50 @@ mod tests {
         assert_eq!(got.len(), 12);
     }
 
+    fn records(range: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in range {
+            encode_record(&entry(1, i, &format!("set-{i}-x")), &mut out).expect("encode");
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn preallocated_segments_hold_records_and_cut_torn_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let second = dir.path().join(segment_name(11));
+        {
+            let mut w = Writer::new(dir.path(), Vec::new(), BTreeMap::new(), true);
+            w.append(&records(1..=10), 1, 10).expect("append");
+            // As if the first segment were full: the next append starts the spare and
+            // moves on to it.
+            w.segments.last_mut().expect("segment").len = SEGMENT_BYTES;
+            w.append(&records(11..=20), 11, 20).expect("append");
+            assert_eq!(fs::metadata(&second).expect("meta").len(), SEGMENT_BYTES, "the spare became segment 11");
+        }
+        let valid = records(11..=20).len();
+        {
+            let mut store = LogStore::open(dir.path(), true).expect("reopen");
+            let got = store.try_get_log_entries(..).await.expect("read");
+            assert_eq!(got.len(), 20);
+            assert_eq!(got[19], entry(1, 20, "set-20-x"));
+            assert_eq!(fs::metadata(&second).expect("meta").len(), SEGMENT_BYTES, "zeros are not a torn tail");
+        }
+        // A crash in the middle of writing record 21 into the zeroed space.
+        let torn = records(21..=21);
+        let f = OpenOptions::new().write(true).open(&second).expect("open");
+        f.write_all_at(&torn[..torn.len() / 2], valid as u64).expect("write");
+        drop(f);
+        let mut store = LogStore::open(dir.path(), true).expect("reopen after the torn write");
+        let got = store.try_get_log_entries(..).await.expect("read");
+        assert_eq!(got.len(), 20, "the torn record is gone");
+        assert_eq!(fs::metadata(&second).expect("meta").len(), valid as u64);
+    }
+
     #[tokio::test]
     async fn committed_hint_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut w = Writer {
-            dir: dir.path().to_path_buf(),
-            segments: Vec::new(),
-            offsets: BTreeMap::new(),
-            fsync: true,
-            committed_file: None,
-        };
+        let mut w = Writer::new(dir.path(), Vec::new(), BTreeMap::new(), true);
         let c = LogId::new(CommittedLeaderId::new(3, 1), 66);
         w.write_committed(Some(c)).expect("write");
         let mut store = LogStore::open(dir.path(), true).expect("open");
