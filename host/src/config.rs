@@ -97,6 +97,11 @@ pub struct Opts {
     #[arg(long, env = "HOST_CPUPROFILE")]
     pub cpuprofile: Option<PathBuf>,
 
+    /// Sample heap allocations (jemalloc; one sample per 512 KiB allocated on average) and
+    /// write the live heap here on shutdown as a pprof profile (gzipped protobuf).
+    #[arg(long, env = "HOST_MEMPROFILE")]
+    pub memprofile: Option<PathBuf>,
+
     /// Proposal batches in flight (handed to Raft, not yet applied). New proposals
     /// gather into the next batch meanwhile: 1 maximises batching, more overlaps the
     /// leader's fsync with replication.

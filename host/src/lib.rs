@@ -22,6 +22,7 @@ pub mod codec;
 pub mod config;
 pub mod fsm;
 pub mod lease;
+pub mod memprof;
 pub mod metrics;
 pub mod monitor;
 pub mod net;

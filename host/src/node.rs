@@ -130,6 +130,11 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         )),
         None => None,
     };
+    if let Some(path) = &opts.memprofile {
+        crate::memprof::start()
+            .await
+            .map_err(|e| StartError::Input(format!("--memprofile {}: {e}", path.display())))?;
+    }
     let metrics = Arc::new(Metrics::default());
     let _monitor = match &opts.monitor {
         Some(path) => Some(
@@ -266,6 +271,12 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     }
     if let Some((guard, path)) = profiler {
         write_flamegraph(&guard, &path);
+    }
+    if let Some(path) = &opts.memprofile {
+        match crate::memprof::write(path).await {
+            Ok(()) => tracing::info!(path = %path.display(), "heap profile written"),
+            Err(e) => tracing::error!(error = %e, "no heap profile"),
+        }
     }
     outcome
 }
