@@ -60,6 +60,10 @@ def guest_config(guest, value_size, keys):
         # beyond 256M for large keys x value sizes costs no disk.
         size = max(DISK_FILE_SIZE, keys * value_size)
         return [f"file-size={size}", f"value-size={value_size}"]
+    if guest == "kvstore":
+        # Every key exists from the start, so gets read real values rather than "not
+        # found" (the guest fills the same keys, 0..keys, that loadgen draws).
+        return [f"preload-keys={keys}", f"preload-value-size={value_size}"]
     return []
 
 

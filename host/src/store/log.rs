@@ -14,12 +14,16 @@
 //! - `committed`: the last known committed log id, a hint for replay at restart, written
 //!   without fsync (losing it only delays re-applying until the next commit).
 //!
-//! # Group commit
+//! # Writing
 //!
-//! `append` keeps entries in memory (readable at once, as openraft requires) and hands
-//! the encoded records to one writer thread. The writer drains everything queued, writes
-//! it, calls `fdatasync` once and only then reports every batch flushed. Under load
-//! many proposals share one fsync.
+//! `append` keeps entries in memory (readable at once, as openraft requires), writes the
+//! encoded records, calls `fdatasync` and only then reports them flushed, all on the
+//! calling task. openraft 0.9 waits for each append's flush before it takes the next
+//! proposal, so there is never a second append to group with the first (measured: 1.0
+//! appends per fsync when a writer thread drained a queue); handing the write to a thread
+//! only added two thread wake-ups to every round (5 % fewer operations per second at 32
+//! clients). Group commit happens one level up: the client API gathers concurrent
+//! proposals into one entry (see `api`).
 //!
 //! A torn record at the tail of the last segment (a crash mid-write) was never reported
 //! durable, so it is cut off at start-up; a bad record anywhere else is corruption and
@@ -32,12 +36,11 @@ use std::io::{self, Read, Write};
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, StorageIOError};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::oneshot;
 
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -67,16 +70,10 @@ pub struct LogStore {
     mem: SharedLog,
     vote: Arc<Mutex<Option<Vote>>>,
     committed: Arc<Mutex<Option<LogId>>>,
-    writer: mpsc::Sender<WriteOp>,
+    /// The files. Every write goes through here, one at a time: openraft calls the log
+    /// store from its core task only, so the lock is never contended.
+    writer: Arc<Mutex<Writer>>,
     dir: PathBuf,
-}
-
-enum WriteOp {
-    Append { records: Vec<u8>, first: u64, last: u64, done: LogFlushed<TypeConfig> },
-    Truncate { since: u64, done: oneshot::Sender<io::Result<()>> },
-    Purge { upto: LogId, done: oneshot::Sender<io::Result<()>> },
-    Vote { vote: Vote, done: oneshot::Sender<io::Result<()>> },
-    Committed(Option<LogId>),
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: &impl ToString) -> StorageError {
@@ -100,14 +97,12 @@ impl LogStore {
         let committed: Option<LogId> = read_small::<Option<LogId>>(&dir.join("committed")).ok().flatten().flatten();
         let (segments, entries, offsets) = load_segments(dir, last_purged)?;
         let mem = Arc::new(Mutex::new(LogMem { entries, last_purged }));
-        let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(dir, segments, offsets, fsync);
-        std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run(&rx))?;
+        let writer = Arc::new(Mutex::new(Writer::new(dir, segments, offsets, fsync)));
         Ok(LogStore {
             mem,
             vote: Arc::new(Mutex::new(vote)),
             committed: Arc::new(Mutex::new(committed)),
-            writer: tx,
+            writer,
             dir: dir.to_path_buf(),
         })
     }
@@ -120,20 +115,9 @@ impl LogStore {
         &self.dir
     }
 
-    fn send(&self, op: WriteOp) -> Result<(), StorageError> {
-        self.writer.send(op).map_err(|_| write_err(&"log writer thread stopped"))
-    }
-
-    async fn call(
-        &self,
-        make: impl FnOnce(oneshot::Sender<io::Result<()>>) -> WriteOp,
-        subject: ErrorSubject<u64>,
-    ) -> Result<(), StorageError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(make(tx))?;
-        rx.await
-            .map_err(|_| io_err(subject.clone(), ErrorVerb::Write, &"log writer thread stopped"))?
-            .map_err(|e| io_err(subject, ErrorVerb::Write, &e))
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        // Every operation leaves the files consistent or returns an error first.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -166,7 +150,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let v = *vote;
-        self.call(|done| WriteOp::Vote { vote: v, done }, ErrorSubject::Vote).await?;
+        let path = self.dir.join("vote");
+        write_small(&path, &v).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, &e))?;
         *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
         Ok(())
     }
@@ -177,7 +162,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = committed;
-        self.send(WriteOp::Committed(committed))
+        // Only a hint for replay at restart: a failure to record it is not the log's.
+        if let Err(e) = self.writer().write_committed(committed) {
+            tracing::warn!(error = %e, "could not record the committed index");
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -201,7 +190,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         match range {
-            Some((first, last)) => self.send(WriteOp::Append { records, first, last, done: callback }),
+            Some((first, last)) => {
+                let res = {
+                    let mut w = self.writer();
+                    w.append(&records, first, last).and_then(|()| w.sync())
+                };
+                callback.log_io_completed(res);
+                Ok(())
+            }
             None => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -211,7 +207,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         lock(&self.mem).entries.split_off(&log_id.index);
-        self.call(|done| WriteOp::Truncate { since: log_id.index, done }, ErrorSubject::Logs).await
+        self.writer().truncate(log_id.index).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, &e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -221,7 +217,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             mem.entries = keep;
             mem.last_purged = Some(log_id);
         }
-        self.call(|done| WriteOp::Purge { upto: log_id, done }, ErrorSubject::Logs).await
+        self.writer().purge(log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, &e))
     }
 }
 
@@ -350,7 +346,7 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
     Ok((segments, entries, offsets))
 }
 
-/// Owns the files; runs on its own thread so fsync never blocks the async runtime.
+/// Owns the files.
 struct Writer {
     dir: PathBuf,
     segments: Vec<Segment>,
@@ -379,57 +375,11 @@ impl Writer {
         Writer { dir: dir.to_path_buf(), segments, offsets, fsync, committed_file: None, spare: None }
     }
 
-    fn run(mut self, rx: &mpsc::Receiver<WriteOp>) {
-        let mut flushed: Vec<LogFlushed<TypeConfig>> = Vec::new();
-        let mut committed_hint = None;
-        while let Ok(op) = rx.recv() {
-            let mut next = Some(op);
-            // Drain whatever queued up meanwhile: that is the group in group commit.
-            while let Some(op) = next.take().or_else(|| rx.try_recv().ok()) {
-                match op {
-                    WriteOp::Append { records, first, last, done } => match self.append(&records, first, last) {
-                        Ok(()) => flushed.push(done),
-                        Err(e) => done.log_io_completed(Err(e)),
-                    },
-                    WriteOp::Truncate { since, done } => {
-                        self.flush(&mut flushed);
-                        let _ = done.send(self.truncate(since));
-                    }
-                    WriteOp::Purge { upto, done } => {
-                        self.flush(&mut flushed);
-                        let _ = done.send(self.purge(upto));
-                    }
-                    WriteOp::Vote { vote, done } => {
-                        let _ = done.send(write_small(&self.dir.join("vote"), &vote));
-                    }
-                    WriteOp::Committed(c) => committed_hint = Some(c),
-                }
-            }
-            self.flush(&mut flushed);
-            if let Some(c) = committed_hint.take() {
-                if let Err(e) = self.write_committed(c) {
-                    tracing::warn!(error = %e, "could not record the committed index");
-                }
-            }
-        }
-        self.flush(&mut flushed);
-    }
-
-    fn flush(&mut self, flushed: &mut Vec<LogFlushed<TypeConfig>>) {
-        if flushed.is_empty() {
-            return;
-        }
-        let t = std::time::Instant::now();
-        let res = match self.segments.last() {
+    /// Make everything written durable.
+    fn sync(&self) -> io::Result<()> {
+        match self.segments.last() {
             Some(seg) if self.fsync => seg.file.sync_data(),
             _ => Ok(()),
-        };
-        tracing::debug!(batches = flushed.len(), us = t.elapsed().as_micros() as u64, "log flushed");
-        for done in flushed.drain(..) {
-            done.log_io_completed(match &res {
-                Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            });
         }
     }
 
