@@ -335,3 +335,81 @@ async fn dispatch(raft: &Raft, lease: &Lease, req: &PeerRequest) -> Result<Vec<u
         Ok(PeerKind::Hello) | Err(_) => Err(format!("unexpected request kind {}", req.kind)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use openraft::Vote;
+
+    use super::*;
+
+    /// A peer that answers hellos and votes, except that it never answers the first
+    /// request on its first connection. Returns its address and its count of connections.
+    async fn peer() -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let first_conn = count.fetch_add(1, Ordering::SeqCst) == 0;
+                tokio::spawn(async move {
+                    let mut stream = BufStream::new(stream);
+                    let mut buf = Vec::new();
+                    let _hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
+                    write_frame(&mut stream, &PeerResponse::default()).await?;
+                    let mut first_req = true;
+                    loop {
+                        let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
+                        if std::mem::take(&mut first_req) && first_conn {
+                            // Swallowed: this connection is now out of step for good.
+                            continue;
+                        }
+                        let vote: VoteRequest<NodeId> = bincode::deserialize(&req.payload).expect("a vote request");
+                        let answer: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+                            Ok(VoteResponse::new(vote.vote, None, true));
+                        let payload = bincode::serialize(&answer).expect("encode");
+                        write_frame(&mut stream, &PeerResponse { payload, refused: String::new() }).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), FrameError>(())
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn vote(term: u64) -> VoteRequest<NodeId> {
+        VoteRequest::new(Vote::new(term, 1), None)
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_off_mid_call_is_never_reused_and_a_healthy_one_is() {
+        let (addr, accepted) = peer().await;
+        let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
+        let mut network = Network::new(1, String::new(), lease);
+        let member = Member { raft_addr: addr, ..Default::default() };
+        let option = RPCOption::new(Duration::from_secs(5));
+
+        // The caller gives up while the response is outstanding (openraft drops the
+        // future); the client, dropped afterwards, must not pool that connection.
+        let mut client = network.new_client(2, &member).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), client.vote(vote(1), option.clone())).await;
+        assert!(gave_up.is_err(), "the peer was told not to answer");
+        drop(client);
+
+        // A fresh connection, and the answer to this very request (term 2), not a stale one.
+        let mut client = network.new_client(2, &member).await;
+        let resp = client.vote(vote(2), option.clone()).await.expect("vote on a new connection");
+        assert_eq!(resp.vote, Vote::new(2, 1));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(client);
+
+        // That connection was in step when its client went away: the next client reuses it.
+        let mut client = network.new_client(2, &member).await;
+        let resp = client.vote(vote(3), option).await.expect("vote on the pooled connection");
+        assert_eq!(resp.vote, Vote::new(3, 1));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection for a pooled one");
+    }
+}
