@@ -167,12 +167,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = committed;
         // Only a hint for replay at restart: a failure to record it is not the log's.
-        let mut w = self.writer();
-        if w.committed_written.is_none_or(|t| t.elapsed() >= COMMITTED_HINT_EVERY) {
-            w.committed_written = Some(std::time::Instant::now());
-            if let Err(e) = w.write_committed(committed) {
-                tracing::warn!(error = %e, "could not record the committed index");
-            }
+        if let Err(e) = self.writer().write_committed(committed) {
+            tracing::warn!(error = %e, "could not record the committed index");
         }
         Ok(())
     }
@@ -361,8 +357,10 @@ struct Writer {
     /// index -> (segment first index, byte offset), for truncation.
     offsets: BTreeMap<u64, (u64, u64)>,
     fsync: bool,
-    /// Kept open, with its length: the hint is rewritten after nearly every batch.
+    /// Kept open, with its length: the hint is rewritten up to every
+    /// [`COMMITTED_HINT_EVERY`] under load.
     committed_file: Option<(File, u64)>,
+    /// When the hint was last written.
     committed_written: Option<std::time::Instant>,
     /// The next segment, zero-filled by a helper thread once the current one is half full.
     spare: Option<std::thread::JoinHandle<io::Result<File>>>,
@@ -487,7 +485,13 @@ impl Writer {
         Ok(())
     }
 
+    /// Record `committed` as the hint, unless one was written less than
+    /// [`COMMITTED_HINT_EVERY`] ago.
     fn write_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        if self.committed_written.is_some_and(|t| t.elapsed() < COMMITTED_HINT_EVERY) {
+            return Ok(());
+        }
+        self.committed_written = Some(std::time::Instant::now());
         let mut data = Vec::new();
         encode_record(&committed, &mut data).map_err(io::Error::other)?;
         let (f, len) = match &mut self.committed_file {
