@@ -1,6 +1,5 @@
 //! The `init` settings (`--fsm-config K=V`).
 
-use std::collections::BTreeSet;
 use std::fmt;
 
 pub const FILE_SIZE: &str = "file-size";
@@ -49,19 +48,15 @@ impl Settings {
     /// starting rather than letting a typo run with defaults.
     pub fn parse(config: &[(String, String)]) -> Result<Settings, String> {
         let mut settings = Settings::default();
-        let mut seen = BTreeSet::new();
-        for (key, value) in config {
-            if !seen.insert(key.as_str()) {
-                return Err(format!("diskstorage setting {key:?} is given more than once"));
-            }
-            match key.as_str() {
+        kvcommand::settings::each("diskstorage", config, &[FILE_SIZE, VALUE_SIZE, SYNC], |key, value| {
+            match key {
                 FILE_SIZE => settings.file_size = size(key, value)?,
                 VALUE_SIZE => {
                     settings.value_size = u32::try_from(size(key, value)?)
                         .map_err(|_| format!("diskstorage setting {key}={value:?} exceeds 4 GiB"))?
                 }
                 SYNC => {
-                    settings.sync = match value.as_str() {
+                    settings.sync = match value {
                         "none" => SyncMode::None,
                         "each-write" => SyncMode::EachWrite,
                         _ => {
@@ -71,13 +66,10 @@ impl Settings {
                         }
                     }
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown diskstorage setting {key:?} (known: {FILE_SIZE}, {VALUE_SIZE}, {SYNC})"
-                    ))
-                }
+                _ => return Ok(false),
             }
-        }
+            Ok(true)
+        })?;
         if settings.file_size > MAX_FILE_SIZE {
             return Err(format!(
                 "diskstorage setting {FILE_SIZE}={} is larger than the maximum of {MAX_FILE_SIZE} bytes (16 TiB)",

@@ -1,9 +1,10 @@
 //! The commands the key/value guests (`kvstore`, `diskstorage`) accept, and that their
 //! clients (`kv`, `loadgen`) send: the original text lines `get-K`, `set-K-V`, `delete-K`
-//! and a small protobuf message; and the digest both guests keep of their state. One
-//! crate, so guests and clients cannot drift apart.
+//! and a small protobuf message; the digest both guests keep of their state; and the walk
+//! over their settings. One crate, so guests and clients cannot drift apart.
 //! Plain Rust, built natively for clients and for wasm32 inside the guests.
 
 pub mod command;
 pub mod digest;
 pub mod proto;
+pub mod settings;

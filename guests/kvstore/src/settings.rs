@@ -1,7 +1,5 @@
 //! The `init` settings (`--fsm-config K=V`).
 
-use std::collections::BTreeSet;
-
 pub const PRELOAD_KEYS: &str = "preload-keys";
 pub const PRELOAD_VALUE_SIZE: &str = "preload-value-size";
 pub const MAX_VALUE_SIZE: &str = "max-value-size";
@@ -26,24 +24,21 @@ impl Settings {
     /// starting rather than letting a typo run with defaults.
     pub fn parse(config: &[(String, String)]) -> Result<Settings, String> {
         let mut settings = Settings::default();
-        let mut seen = BTreeSet::new();
-        for (key, value) in config {
-            if !seen.insert(key.as_str()) {
-                return Err(format!("kvstore setting {key:?} is given more than once"));
-            }
-            match key.as_str() {
-                PRELOAD_KEYS => settings.preload_keys = number(key, value)?,
-                // Sizes are u32 because the snapshot format stores lengths as u32.
-                PRELOAD_VALUE_SIZE => settings.preload_value_size = number(key, value)?,
-                MAX_VALUE_SIZE => settings.max_value_size = number(key, value)?,
-                _ => {
-                    return Err(format!(
-                        "unknown kvstore setting {key:?} (known: {PRELOAD_KEYS}, \
-                         {PRELOAD_VALUE_SIZE}, {MAX_VALUE_SIZE})"
-                    ))
+        kvcommand::settings::each(
+            "kvstore",
+            config,
+            &[PRELOAD_KEYS, PRELOAD_VALUE_SIZE, MAX_VALUE_SIZE],
+            |key, value| {
+                match key {
+                    PRELOAD_KEYS => settings.preload_keys = number(key, value)?,
+                    // Sizes are u32 because the snapshot format stores lengths as u32.
+                    PRELOAD_VALUE_SIZE => settings.preload_value_size = number(key, value)?,
+                    MAX_VALUE_SIZE => settings.max_value_size = number(key, value)?,
+                    _ => return Ok(false),
                 }
-            }
-        }
+                Ok(true)
+            },
+        )?;
         Ok(settings)
     }
 }
