@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::codec::{read_frame, write_frame, FrameError};
 use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
+use crate::store::Durable;
 use crate::types::{Member, NodeId, Raft, TypeConfig};
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
@@ -37,11 +38,13 @@ pub struct Network {
     token: String,
     idle: Pool,
     lease: Arc<Lease>,
+    /// Bounds the commit index sent to followers (see `store::durable`).
+    durable: Durable,
 }
 
 impl Network {
-    pub fn new(id: NodeId, token: String, lease: Arc<Lease>) -> Self {
-        Network { id, token, idle: Pool::default(), lease }
+    pub fn new(id: NodeId, token: String, lease: Arc<Lease>, durable: Durable) -> Self {
+        Network { id, token, idle: Pool::default(), lease, durable }
     }
 }
 
@@ -73,6 +76,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             buf: Vec::new(),
             idle: self.idle.clone(),
             lease: self.lease.clone(),
+            durable: self.durable.clone(),
         }
     }
 }
@@ -92,6 +96,7 @@ pub struct PeerClient {
     buf: Vec<u8>,
     idle: Pool,
     lease: Arc<Lease>,
+    durable: Durable,
 }
 
 impl Drop for PeerClient {
@@ -229,6 +234,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        // openraft may count this leader's own entries committed before they are on its
+        // disk; followers must not hear of a commit before they are.
+        let mut rpc = rpc;
+        rpc.leader_commit = self.durable.clamp(rpc.leader_commit);
         let sent = std::time::Instant::now();
         let res = self.call(PeerKind::AppendEntries, RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await;
         // Anything but HigherVote means the follower accepted this leadership (a conflict
@@ -388,7 +397,7 @@ mod tests {
     async fn a_connection_cut_off_mid_call_is_never_reused_and_a_healthy_one_is() {
         let (addr, accepted) = peer().await;
         let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
-        let mut network = Network::new(1, String::new(), lease);
+        let mut network = Network::new(1, String::new(), lease, Durable::new(None));
         let member = Member { raft_addr: addr, ..Default::default() };
         let option = RPCOption::new(Duration::from_secs(5));
 

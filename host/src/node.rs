@@ -144,6 +144,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         None => None,
     };
     let log = LogStore::open(&data_dir.join("log"), !opts.no_fsync)
+        .and_then(|log| log.leader_writes_ahead(opts.id))
         .map_err(|e| anyhow::anyhow!("opening the log in {}: {e}", data_dir.display()))?;
     let sm = StateMachine::open(
         &data_dir.join("snapshots"),
@@ -153,7 +154,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
             guest_dir: data_dir.join("guest"),
             node: opts.id,
         },
-        log.shared(),
+        &log,
         metrics.clone(),
     )
     .map_err(|e| StartError::Input(format!("{e:#}")))?;
@@ -180,7 +181,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         Duration::from_millis(config.election_timeout_min),
         Duration::from_millis(config.election_timeout_max),
     ));
-    let network = Network::new(opts.id, opts.cluster_token.clone().unwrap_or_default(), lease.clone());
+    let network = Network::new(opts.id, opts.cluster_token.clone().unwrap_or_default(), lease.clone(), log.durable());
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;

@@ -39,7 +39,7 @@ fn open(
     let sm = StateMachine::open(
         &dir.join("snapshots"),
         GuestSpec { module: module.clone(), config, guest_dir: dir.join("guest"), node: 1 },
-        log.shared(),
+        &log,
         Arc::new(Metrics::default()),
     )?;
     Ok((log, sm))

@@ -29,11 +29,12 @@ fn io(e: impl ToString) -> StorageError {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(io)?;
-        let log = LogStore::open(&dir.path().join("log"), true).map_err(io)?;
+        // As a member runs it: its own entries as leader are written ahead of their sync.
+        let log = LogStore::open(&dir.path().join("log"), true).and_then(|l| l.leader_writes_ahead(0)).map_err(io)?;
         let sm = StateMachine::open(
             &dir.path().join("snapshots"),
             GuestSpec { module: self.module.clone(), config: Vec::new(), guest_dir: dir.path().join("guest"), node: 0 },
-            log.shared(),
+            &log,
             Arc::new(Metrics::default()),
         )
         .map_err(io)?;

@@ -1,7 +1,9 @@
 //! Storage: the durable log (`log`) and the guest-backed state machine (`sm`).
 
+pub mod durable;
 pub mod log;
 pub mod sm;
 
+pub use durable::Durable;
 pub use log::{LogStore, SharedLog};
 pub use sm::{GuestSpec, StateMachine};

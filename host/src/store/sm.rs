@@ -32,7 +32,8 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOErr
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::oneshot;
 
-use super::log::{sync_dir, SharedLog};
+use super::durable::Durable;
+use super::log::{sync_dir, LogStore, SharedLog};
 use crate::fsm::{ApplyOutcome, GuestModule, Instance};
 use crate::metrics::Metrics;
 use crate::types::{
@@ -46,6 +47,8 @@ const CHUNK: u32 = 1 << 20;
 #[derive(Clone)]
 pub struct StateMachine {
     tx: mpsc::Sender<Op>,
+    /// Entries are applied only once they are on this member's disk (see `durable`).
+    durable: Durable,
     dir: PathBuf,
     receiving: Arc<Mutex<Vec<PathBuf>>>,
     seq: Arc<AtomicU64>,
@@ -86,7 +89,9 @@ pub struct GuestSpec {
 impl StateMachine {
     /// Start the worker: restore the current snapshot if there is one, else a fresh
     /// instance. Fails if the guest refuses its settings.
-    pub fn open(dir: &Path, spec: GuestSpec, log: SharedLog, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, spec: GuestSpec, log: &LogStore, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let durable = log.durable();
+        let log = log.shared();
         fs::create_dir_all(dir)?;
         fs::create_dir_all(&spec.guest_dir)?;
         // Leftovers of interrupted transfers or builds.
@@ -120,7 +125,7 @@ impl StateMachine {
             }
         })?;
         started_rx.recv().map_err(|_| anyhow::anyhow!("the state-machine thread died while starting"))??;
-        Ok(StateMachine { tx, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default() })
+        Ok(StateMachine { tx, durable, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default() })
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, StorageError> {
@@ -167,6 +172,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            self.durable.wait_for(last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+        }
         self.call(|tx| Op::Apply(entries, tx)).await?
     }
 
