@@ -9,7 +9,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{App, Outcome};
+use super::{App, Outcome, Reply};
 use crate::codec::{encode_frame, read_frame, FrameError};
 use crate::proto::{ClientRequest, ClientResponse, Code, RequestKind};
 
@@ -58,6 +58,17 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
+        // The common cases answer straight into the writer's queue, without a task per
+        // request: proposals (from the batch's responder) and queries that need no read
+        // barrier (from the state-machine thread).
+        if req.kind == RequestKind::Propose as i32 {
+            app.submit(req.payload, Reply::Frame { id: req.id, to: tx.clone(), permit }).await;
+            continue;
+        }
+        if req.kind == RequestKind::Query as i32 && app.may_answer_now(req.stale_ok) {
+            app.answer_now(req.payload, Reply::Frame { id: req.id, to: tx.clone(), permit });
+            continue;
+        }
         let app = app.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -72,6 +83,7 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
 
 async fn handle(app: &App, req: ClientRequest) -> ClientResponse {
     let outcome = match RequestKind::try_from(req.kind) {
+        // Normally answered by `serve_conn` without a task of its own.
         Ok(RequestKind::Propose) => app.propose(req.payload).await,
         Ok(RequestKind::Query) => app.query(req.payload, req.stale_ok).await,
         Err(_) => {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::client::Client;
 use crate::lease::Lease;
@@ -43,7 +43,44 @@ pub struct App {
 
 type ReadWaiter = oneshot::Sender<Result<(), Outcome>>;
 
-type Proposal = (Vec<u8>, oneshot::Sender<Outcome>);
+type Proposal = (Vec<u8>, Reply);
+
+/// Where a request's outcome goes. Failed outcomes are counted as proposal errors
+/// (queries sent here come from the local state: they succeed or fail in the guest).
+pub enum Reply {
+    /// To a caller awaiting it.
+    Wait(oneshot::Sender<Outcome>),
+    /// Straight into a binary connection's response queue as the response to request
+    /// `id`: a batch's responses then reach the connection's writer together and leave
+    /// in one write, and no task per request waits in between. `permit` is the
+    /// request's slot in the connection's in-flight limit.
+    Frame { id: u64, to: mpsc::Sender<ClientResponse>, permit: OwnedSemaphorePermit },
+}
+
+impl Reply {
+    fn send(self, outcome: Outcome, metrics: &Metrics) {
+        match &outcome {
+            Outcome::Ok(_) | Outcome::GuestError(_) => {}
+            Outcome::NotLeader(_) => {
+                metrics.redirects.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                metrics.proposal_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match self {
+            Reply::Wait(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Frame { id, to, permit } => {
+                // Cannot be full: it holds at most one response per permit. A closed
+                // queue means the client has gone.
+                let _ = to.try_send(outcome.into_response(id));
+                drop(permit);
+            }
+        }
+    }
+}
 
 /// Bounds of one batch: small enough that an AppendEntries of many batches stays a
 /// reasonable frame, large enough to amortise an fsync over many commands.
@@ -98,7 +135,7 @@ impl App {
         lease: Arc<Lease>,
     ) -> Self {
         let (proposals, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
-        tokio::spawn(batcher(raft.clone(), rx, proposal_timeout, max_inflight_batches));
+        tokio::spawn(batcher(raft.clone(), rx, proposal_timeout, max_inflight_batches, metrics.clone()));
         let (reads, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
         tokio::spawn(read_barrier(raft.clone(), rx, proposal_timeout));
         App {
@@ -143,35 +180,54 @@ impl App {
 
     /// Write through the log: answered once committed on a majority and applied here.
     pub async fn propose(&self, command: Vec<u8>) -> Outcome {
-        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
-        let out = self.propose_inner(command).await;
-        match &out {
-            Outcome::Ok(_) | Outcome::GuestError(_) => {}
-            Outcome::NotLeader(_) => {
-                self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                self.metrics.proposal_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        out
+        let (tx, rx) = oneshot::channel();
+        self.submit(command, Reply::Wait(tx)).await;
+        rx.await.unwrap_or_else(|_| {
+            self.metrics.proposal_errors.fetch_add(1, Ordering::Relaxed);
+            Outcome::Unknown("the member stopped before the command was applied".into())
+        })
     }
 
-    async fn propose_inner(&self, command: Vec<u8>) -> Outcome {
-        let (tx, rx) = oneshot::channel();
-        if self.proposals.send((command, tx)).await.is_err() {
-            return Outcome::Rejected("member is stopping".into());
+    /// Hand a command to the batcher; its outcome goes to `reply`.
+    pub async fn submit(&self, command: Vec<u8>, reply: Reply) {
+        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError((_, reply))) = self.proposals.send((command, reply)).await {
+            reply.send(Outcome::Rejected("member is stopping".into()), &self.metrics);
         }
-        rx.await.unwrap_or_else(|_| Outcome::Unknown("the member stopped before the command was applied".into()))
+    }
+
+    /// Whether a query may be answered from the local state at once: a stale one always,
+    /// a linearizable one under the lease.
+    pub fn may_answer_now(&self, stale_ok: bool) -> bool {
+        if stale_ok {
+            return true;
+        }
+        let lease = self.may_read_locally();
+        if lease {
+            self.metrics.lease_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        lease
+    }
+
+    /// Answer a query that [`App::may_answer_now`] allowed; the outcome goes to `reply`
+    /// from the state-machine thread.
+    pub fn answer_now(&self, request: Vec<u8>, reply: Reply) {
+        self.metrics.queries.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.metrics.clone();
+        self.sm.query_then(request, move |r| {
+            let outcome = match r {
+                Ok(v) => Outcome::Ok(v),
+                Err(e) => Outcome::GuestError(e),
+            };
+            reply.send(outcome, &metrics);
+        });
     }
 
     /// A read. Linearizable unless `stale_ok`: leadership is confirmed with a quorum and the
     /// read waits until the state machine has applied the read index.
     pub async fn query(&self, request: Vec<u8>, stale_ok: bool) -> Outcome {
         self.metrics.queries.fetch_add(1, Ordering::Relaxed);
-        if !stale_ok && self.may_read_locally() {
-            self.metrics.lease_reads.fetch_add(1, Ordering::Relaxed);
-        } else if !stale_ok {
+        if !self.may_answer_now(stale_ok) {
             let (tx, rx) = oneshot::channel();
             let confirmed = match self.reads.send(tx).await {
                 Ok(()) => rx.await.unwrap_or_else(|_| Err(Outcome::Rejected("member is stopping".into()))),
@@ -228,7 +284,13 @@ impl App {
 /// most `max_inflight` batches are between "handed to Raft" and "applied"; while they
 /// are, new proposals accumulate into the next batch, so batches grow with load and an
 /// idle cluster still answers a lone proposal at once.
-async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration, max_inflight: usize) {
+async fn batcher(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Proposal>,
+    timeout: Duration,
+    max_inflight: usize,
+    metrics: Arc<Metrics>,
+) {
     let inflight = Arc::new(Semaphore::new(max_inflight.max(1)));
     loop {
         let Ok(permit) = inflight.clone().acquire_owned().await else {
@@ -248,17 +310,18 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
                 Err(_) => break,
             }
         }
-        let (commands, waiters): (Vec<Vec<u8>>, Vec<oneshot::Sender<Outcome>>) = batch.into_iter().unzip();
+        let (commands, waiters): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
         let responder = match raft.client_write_ff(Request { commands }).await {
             Ok(rx) => rx,
             Err(e) => {
                 for w in waiters {
-                    let _ = w.send(Outcome::Rejected(format!("member is stopping: {e}")));
+                    w.send(Outcome::Rejected(format!("member is stopping: {e}")), &metrics);
                 }
                 continue;
             }
         };
         let raft = raft.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let outcome: Result<Vec<Result<Vec<u8>, String>>, Outcome> =
                 match tokio::time::timeout(timeout, responder).await {
@@ -282,12 +345,12 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration
                             Some(Err(e)) => Outcome::GuestError(e),
                             None => Outcome::Unknown("no result for the command".into()),
                         };
-                        let _ = w.send(o);
+                        w.send(o, &metrics);
                     }
                 }
                 Err(o) => {
                     for w in waiters {
-                        let _ = w.send(o.clone());
+                        w.send(o.clone(), &metrics);
                     }
                 }
             }

@@ -61,9 +61,12 @@ pub struct Applied {
     pub digest: Vec<u8>,
 }
 
+/// Takes a query's result on the state-machine thread.
+type QueryDone = Box<dyn FnOnce(Result<Vec<u8>, String>) + Send>;
+
 enum Op {
     Apply(Vec<Entry>, oneshot::Sender<Result<Vec<Response>, StorageError>>),
-    Query(Vec<u8>, oneshot::Sender<Result<Vec<u8>, String>>),
+    Query(Vec<u8>, QueryDone),
     Digest(oneshot::Sender<Result<Applied, String>>),
     AppliedState(oneshot::Sender<(Option<LogId>, StoredMembership)>),
     Build(oneshot::Sender<Result<SnapshotMeta, StorageError>>),
@@ -136,9 +139,18 @@ impl StateMachine {
 
     /// Run a read-only query on the local state. `Err` is the guest's error (or trap).
     pub async fn query(&self, request: Vec<u8>) -> Result<Vec<u8>, String> {
-        match self.call(|tx| Op::Query(request, tx)).await {
-            Ok(r) => r,
-            Err(e) => Err(e.to_string()),
+        let (tx, rx) = oneshot::channel();
+        self.query_then(request, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.await.unwrap_or_else(|_| Err("state-machine thread stopped".into()))
+    }
+
+    /// Run a read-only query and hand its result to `done` on the state-machine thread,
+    /// which saves waking a task just to pass the result on.
+    pub fn query_then(&self, request: Vec<u8>, done: impl FnOnce(Result<Vec<u8>, String>) + Send + 'static) {
+        if let Err(mpsc::SendError(Op::Query(_, done))) = self.tx.send(Op::Query(request, Box::new(done))) {
+            done(Err("state-machine thread stopped".into()));
         }
     }
 
@@ -314,9 +326,7 @@ impl Worker {
                 Op::Apply(entries, tx) => {
                     let _ = tx.send(self.apply(entries));
                 }
-                Op::Query(req, tx) => {
-                    let _ = tx.send(self.query(&req));
-                }
+                Op::Query(req, done) => done(self.query(&req)),
                 Op::Digest(tx) => {
                     let _ = tx.send(self.digest());
                 }
