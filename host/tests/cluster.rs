@@ -99,6 +99,51 @@ fn t20_thousand_writes_reach_every_node() {
     c.wait_converged();
 }
 
+/// A member's request counters from /metrics, in the order of `COUNTERS`.
+const COUNTERS: [&str; 5] = ["proposals", "proposal_errors", "queries", "redirects", "lease_reads"];
+
+fn counters(node: &Node) -> [u64; 5] {
+    let (_, body) = http_get(&node.admin_addr, "/metrics").expect("GET /metrics");
+    COUNTERS.map(|name| {
+        let prefix = format!("wasm_raft_{name}_total ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}_total in /metrics:\n{body}"))
+    })
+}
+
+/// Requests are counted where they arrive, whichever way their answer takes (the leader
+/// answers proposals and lease reads straight from the batch and the guest thread).
+#[test]
+fn t25_requests_are_counted_where_they_arrive() {
+    const EACH: u64 = 6;
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    let leader = c.wait_until("a leader", |c| c.find_leader());
+    let before: Vec<[u64; 5]> = c.nodes.iter().map(counters).collect();
+    // Through each member on its own: a follower redirects, then the client asks the leader.
+    for (n, node) in c.nodes.iter().enumerate() {
+        for i in 0..EACH {
+            let k = format!("counted-{n}-{i}");
+            let out = kv(&node.client_addr, &["set", &k, "v"]);
+            assert!(out.status.success(), "set via node {}: {}", n + 1, stderr_of(&out));
+            let out = kv(&node.client_addr, &["get", &k]);
+            assert_eq!(stdout_of(&out).trim(), "v", "get via node {}: {}", n + 1, stderr_of(&out));
+        }
+    }
+    for (n, node) in c.nodes.iter().enumerate() {
+        let after = counters(node);
+        let delta: Vec<u64> = after.iter().zip(before[n]).map(|(a, b)| a - b).collect();
+        let (requests, redirects) = if n == leader { (3 * EACH, 0) } else { (EACH, 2 * EACH) };
+        let want = [requests, 0, requests, redirects, delta[4]];
+        assert_eq!(delta, want, "node {} ({COUNTERS:?})", n + 1);
+        assert!(delta[4] <= requests, "node {}: more lease reads than reads", n + 1);
+        if n != leader {
+            assert_eq!(delta[4], 0, "a follower answered a read under a lease");
+        }
+    }
+}
+
 #[test]
 fn t30_leader_killed_new_leader_keeps_acknowledged_writes() {
     let mut c = Cluster::start(3, "kvstore", &[]);
