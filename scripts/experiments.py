@@ -188,7 +188,7 @@ def run_loadgen(cluster, args, clients, value_size, get_ratio, series):
         "--warmup", f"{args.warmup}s", "--keys", str(args.keys),
         "--value-size", str(value_size), "--get-ratio", str(get_ratio),
         "--series-out", str(series),
-    ]
+    ] + args.loadgen_flag
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -242,6 +242,9 @@ def main():
                     help="run directory (default run/experiments/<UTC timestamp>)")
     ap.add_argument("--quick", action="store_true",
                     help="clients 1,8; value size 1024; get ratio 0.5; 3 s runs")
+    ap.add_argument("--loadgen-flag", action="append", default=[], metavar="FLAG",
+                    help="extra loadgen flag, repeatable (e.g. --loadgen-flag=--connections "
+                         "--loadgen-flag=8)")
     ap.add_argument("--host-flag", action="append", default=[], metavar="FLAG",
                     help="one more flag for every host, repeatable; {run} is the member's "
                          "directory (e.g. --host-flag=--cpuprofile --host-flag={run}/cpu.svg)")
