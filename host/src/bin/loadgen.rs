@@ -572,7 +572,10 @@ fn client_seed(c: usize) -> u64 {
     0x9E37_79B9_7F4A_7C15 ^ (c as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
-#[tokio::main]
+// One thread: the load generator shares the cores with the members it measures. At 32
+// clients it used 0.17 cores (5 µs per operation) this way, against 0.32 with a worker
+// per core, whose cross-thread wake-ups cost more than the work.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     if let Err(why) = validate(&args) {
