@@ -12,8 +12,9 @@
 //!   file needs: measured here, 116 µs instead of 170 µs per 20 KB append, and every write
 //!   waits for one on the leader and one on a follower. The spare is a purged segment
 //!   when there is one (its old records are never read again: their indices are below
-//!   the new name's), else a file a helper thread fills with zeros. Zero-filling cost
-//!   about a tenth of all CPU time under load, 16 MiB per member every 1.4 s.
+//!   the new name's), else a file a helper thread fills with zeros, bypassing the page
+//!   cache (through it, zero-filling took about a tenth of all CPU time under load: 16 MiB
+//!   per member every 1.4 s).
 //! - `vote`, `purged`: small files replaced atomically (write, fsync, rename, fsync dir).
 //! - `committed`: a recent committed log id, a hint for replay at restart, written without
 //!   fsync and at most every [`COMMITTED_HINT_EVERY`] (a stale or lost hint only delays
@@ -36,8 +37,9 @@
 //! into one entry (see `api`).
 //!
 //! A torn record at the tail of the last segment (a crash mid-write) was never reported
-//! durable, so it is cut off at start-up; a bad record anywhere else is corruption and
-//! start-up fails.
+//! durable, so at start-up the segment's tail after its valid records is zeroed (the file
+//! stays written in full). In an older segment, records that stop before the next
+//! segment's first index are corruption and start-up fails.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
