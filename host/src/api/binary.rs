@@ -23,7 +23,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 async fn serve_conn(stream: TcpStream, app: Arc<App>) {
     let peer = stream.peer_addr().ok();
     let (rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<ClientResponse>(MAX_IN_FLIGHT);
+    // One response per in-flight slot, plus the last word on a bad frame: a reply can
+    // always be queued without waiting (see `Reply::send`).
+    let (tx, mut rx) = mpsc::channel::<ClientResponse>(MAX_IN_FLIGHT + 1);
     let writer = tokio::spawn(async move {
         let mut out = Vec::new();
         while let Some(resp) = rx.recv().await {
