@@ -106,7 +106,18 @@ impl LogStore {
     /// then lose acknowledged writes.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
-        let vote: Option<Vote> = read_small(&dir.join("vote"))?;
+        // Read back as not committed. openraft 0.9 makes a member whose saved vote is its
+        // own committed leadership leader again at once, in the same term and without a
+        // new entry; its read index is then only the committed index it recovered (the
+        // hint), so entries committed and acknowledged before the restart but not yet
+        // re-committed could be missing from its reads, and the lease would count its
+        // old entries as "applied in its own term". Not committed, the vote still keeps
+        // this member from voting twice in the term, and leadership needs a new election,
+        // whose first entry commits everything before it.
+        let vote: Option<Vote> = read_small::<Vote>(&dir.join("vote"))?.map(|mut v| {
+            v.committed = false;
+            v
+        });
         let last_purged: Option<LogId> = read_small(&dir.join("purged"))?;
         // Written as `Option<LogId>`; a missing or unreadable hint just means "replay
         // nothing until the next commit".
@@ -913,7 +924,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn vote_is_durable() {
+    async fn vote_is_durable_and_comes_back_uncommitted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let vote = Vote::new(3, 2);
         {
@@ -922,5 +933,14 @@ mod tests {
         }
         let mut store = LogStore::open(dir.path(), true).expect("reopen");
         assert_eq!(store.read_vote().await.expect("read"), Some(vote));
+
+        // A leadership restored as committed would lead again without a new term.
+        let mut leading = Vote::new(4, 2);
+        leading.commit();
+        store.save_vote(&leading).await.expect("save");
+        assert_eq!(store.read_vote().await.expect("read"), Some(leading));
+        let mut store = LogStore::open(dir.path(), true).expect("reopen");
+        let back = store.read_vote().await.expect("read").expect("a vote");
+        assert_eq!((back.leader_id, back.committed), (leading.leader_id, false));
     }
 }

@@ -532,14 +532,32 @@ impl Node {
     }
 
     /// Starts the process again on the same data directory and ports. `--join` is left
-    /// out: a node with data resumes as the member it was.
+    /// out: a node with data resumes as the member it was. The ports are in the
+    /// membership, so they cannot change; while one is briefly the local port of some
+    /// other process's outgoing connection, the node is started again after a pause.
     pub fn restart(&mut self) {
-        let mut log = OpenOptions::new()
-            .append(true)
-            .open(&self.log_path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()));
-        let _ = writeln!(log, "======== restarted by the test ========");
-        self.launch(false);
+        const ATTEMPTS: usize = 20;
+        for attempt in 1..=ATTEMPTS {
+            let mut log = OpenOptions::new()
+                .append(true)
+                .open(&self.log_path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()));
+            let _ = writeln!(log, "======== restarted by the test ========");
+            drop(log);
+            self.launch(false);
+            let settled = poll_until(TIMEOUT, || match self.exited() {
+                Some(status) => Ok(Some(status)),
+                None if try_status(&self.admin_addr).is_ok() => Ok(None),
+                None => Err("neither serving nor exited".to_string()),
+            });
+            let clash =
+                matches!(settled, Ok(Some(_))) && file_tail(&self.log_path, 5).contains("Address already in use");
+            if !clash || attempt == ATTEMPTS {
+                return;
+            }
+            self.child = None;
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     pub fn status(&self) -> Value {
