@@ -414,19 +414,23 @@ impl Node {
         let mut attempt = 1;
         loop {
             let mut node = Node::launch_on_free_ports(id, dir, fsm, extra, join);
-            let settled = poll_until(TIMEOUT, || match node.exited() {
-                Some(status) => Ok(Some(status)),
-                None if try_status(&node.admin_addr).is_ok() => Ok(None),
-                None => Err("neither serving nor exited".to_string()),
-            });
-            let clash =
-                matches!(settled, Ok(Some(_))) && file_tail(&node.log_path, 5).contains("Address already in use");
-            if !clash || attempt == ATTEMPTS {
+            if !node.exited_on_a_port_clash() || attempt == ATTEMPTS {
                 return node;
             }
             attempt += 1;
             node.child = None;
         }
+    }
+
+    /// Waits until the node serves `/status` or exits; whether it exited because an
+    /// address was in use.
+    fn exited_on_a_port_clash(&mut self) -> bool {
+        let settled = poll_until(TIMEOUT, || match self.exited() {
+            Some(status) => Ok(Some(status)),
+            None if try_status(&self.admin_addr).is_ok() => Ok(None),
+            None => Err("neither serving nor exited".to_string()),
+        });
+        matches!(settled, Ok(Some(_))) && file_tail(&self.log_path, 5).contains("Address already in use")
     }
 
     fn launch_on_free_ports(id: u64, dir: &Path, fsm: &Path, extra: &[String], join: Option<&str>) -> Node {
@@ -545,14 +549,7 @@ impl Node {
             let _ = writeln!(log, "======== restarted by the test ========");
             drop(log);
             self.launch(false);
-            let settled = poll_until(TIMEOUT, || match self.exited() {
-                Some(status) => Ok(Some(status)),
-                None if try_status(&self.admin_addr).is_ok() => Ok(None),
-                None => Err("neither serving nor exited".to_string()),
-            });
-            let clash =
-                matches!(settled, Ok(Some(_))) && file_tail(&self.log_path, 5).contains("Address already in use");
-            if !clash || attempt == ATTEMPTS {
+            if !self.exited_on_a_port_clash() || attempt == ATTEMPTS {
                 return;
             }
             self.child = None;
