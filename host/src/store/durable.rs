@@ -105,10 +105,11 @@ impl Durable {
     /// Wait until the entry at `index` is on disk, if it was reported flushed before its
     /// sync. Errs once a sync has failed.
     pub async fn wait_for(&self, index: u64) -> Result<(), String> {
-        let done = |s: &State| s.failed || !s.pending(index);
-        if done(&self.0.borrow()) && !self.0.borrow().failed {
+        let now = *self.0.borrow();
+        if !now.failed && !now.pending(index) {
             return Ok(());
         }
+        let done = |s: &State| s.failed || !s.pending(index);
         let mut rx = self.0.subscribe();
         let s = *rx.wait_for(done).await.map_err(|_| "the log is closed".to_string())?;
         if s.failed {

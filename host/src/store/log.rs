@@ -169,19 +169,22 @@ impl LogStore {
         self.durable.clone()
     }
 
-    /// Whether `entry` may be reported flushed before its fsync: it is this member's own,
-    /// made as the leader of the current (committed) vote, and not a membership change.
-    fn may_write_ahead(&self, entry: &Entry) -> bool {
+    /// Whether `entries` may be reported flushed before their fsync: they are this
+    /// member's own, made as the leader of the current (committed) vote, and none is a
+    /// membership change.
+    fn may_write_ahead(&self, entries: &[Entry]) -> bool {
         let Some(me) = self.me else {
             return false;
         };
-        let vote = self.vote.lock().unwrap_or_else(|p| p.into_inner());
-        vote.is_some_and(|v| {
-            v.is_committed()
-                && v.leader_id().node_id == me
-                && entry.get_log_id().leader_id == *v.leader_id()
-                && !matches!(entry.payload, openraft::EntryPayload::Membership(_))
-        })
+        let Some(vote) = *self.vote.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return false;
+        };
+        vote.is_committed()
+            && vote.leader_id().node_id == me
+            && entries.iter().all(|e| {
+                e.get_log_id().leader_id == *vote.leader_id()
+                    && !matches!(e.payload, openraft::EntryPayload::Membership(_))
+            })
     }
 
     /// `append` without openraft's callback: `Ok` once the entries may be reported flushed.
@@ -190,7 +193,7 @@ impl LogStore {
             return Ok(());
         };
         let (first, last) = (first.get_log_id().index, *last.get_log_id());
-        let ahead = entries.iter().all(|e| self.may_write_ahead(e));
+        let ahead = self.may_write_ahead(&entries);
         let mut records = Vec::new();
         for entry in &entries {
             encode_record(entry, &mut records).map_err(io::Error::other)?;
@@ -432,11 +435,10 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
         })
         .collect();
     firsts.sort_unstable();
-    let next_firsts: Vec<u64> = firsts.iter().skip(1).copied().collect();
     let mut segments = Vec::new();
     let mut entries = BTreeMap::new();
     let mut offsets = BTreeMap::new();
-    for (i, first) in firsts.into_iter().enumerate() {
+    for (i, &first) in firsts.iter().enumerate() {
         let path = dir.join(segment_name(first));
         let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
         let mut data = Vec::new();
@@ -448,7 +450,7 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
             records.truncate(stale);
         }
         let next = first + records.len() as u64;
-        match next_firsts.get(i) {
+        match firsts.get(i + 1) {
             // Segments follow each other without a gap: anything else is corruption.
             Some(&want) if next != want => {
                 return Err(io::Error::new(
