@@ -30,13 +30,17 @@ pub enum StartError {
     Input(String),
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
+    /// Raft stopped under a running member (a storage error, a failed guest install):
+    /// serving on would answer from a state that no longer follows the log.
+    #[error("raft stopped: {0}; exiting so that the member restarts from its snapshot and log")]
+    RaftStopped(String),
 }
 
 impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Guest(_) | StartError::Input(_) => 2,
-            StartError::Other(_) => 1,
+            StartError::Other(_) | StartError::RaftStopped(_) => 1,
         }
     }
 }
@@ -262,6 +266,10 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
         Some(why) = fatal_rx.recv() => Err(StartError::Input(why)),
+        why = raft_stopped(&raft) => {
+            tracing::error!(%why, "raft stopped; this member exits");
+            Err(StartError::RaftStopped(why))
+        }
     };
     tracing::info!("shutting down");
     for t in &tasks {
@@ -280,6 +288,20 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         }
     }
     outcome
+}
+
+/// Completes when Raft's core stops on its own (openraft shuts down on any storage or state
+/// machine error), with the reason.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the raft core exited".to_string();
+        }
+    }
 }
 
 /// Ask the seeds to add us until one (or the leader it points to) accepts. A refusal that
