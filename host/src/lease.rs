@@ -18,8 +18,14 @@
 //!   followers' promise (the minimum election timeout, less a margin for clock rate
 //!   differences);
 //! - makes a restarted member refuse votes for one `leader_lease` after it starts
-//!   ([`Lease::may_vote`]): openraft forgets a follower's promise across a restart, and a
-//!   promise made just before a crash must still hold.
+//!   ([`Lease::may_vote`]), and not campaign either (its own candidacy is a vote for
+//!   itself; `node` turns openraft's elections off for [`Lease::hold_left`]): openraft
+//!   forgets a follower's promise across a restart, and a promise made just before a
+//!   crash must still hold.
+//!
+//! The lease is measured on `CLOCK_MONOTONIC` (`Instant`), which stops while the machine
+//! is suspended: a leader suspended past its lease and resumed would still count time
+//! from before the suspend. Members are not expected to run on machines that suspend.
 //!
 //! The read must also see every write acknowledged before it. Writes acknowledged by this
 //! leader were applied here before the acknowledgement; writes acknowledged by earlier
@@ -96,6 +102,12 @@ impl Lease {
     /// start-up, when it may still be bound by a promise it made before a restart.
     pub fn may_vote(&self) -> bool {
         self.started.elapsed() >= self.vote_hold
+    }
+
+    /// How much of the vote hold is left. A member votes for itself when it campaigns, so
+    /// it holds its own candidacy as long.
+    pub fn hold_left(&self) -> Duration {
+        self.vote_hold.saturating_sub(self.started.elapsed())
     }
 
     /// Whether `me`, leading as `leadership`, holds the lease at `now`. `voter_sets` is

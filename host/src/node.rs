@@ -149,6 +149,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     };
     let log = LogStore::open(&data_dir.join("log"), !opts.no_fsync)
         .and_then(|log| log.leader_writes_ahead(opts.id))
+        .map(LogStore::purge_behind_snapshots)
         .map_err(|e| anyhow::anyhow!("opening the log in {}: {e}", data_dir.display()))?;
     let sm = StateMachine::open(
         &data_dir.join("snapshots"),
@@ -189,6 +190,19 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
+    // Until the vote hold ends, this member may still be bound by a promise, made before
+    // a restart, not to help elect anyone but the leader it followed: that includes
+    // itself. (A bootstrap still elects at once: it is not timer-driven.)
+    let hold = lease.hold_left();
+    let mut tasks = Vec::new();
+    if !hold.is_zero() {
+        raft.runtime_config().elect(false);
+        let raft = raft.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            raft.runtime_config().elect(true);
+        }));
+    }
 
     let me = Member {
         raft_addr: opts.advertised(&opts.raft_addr),
@@ -209,11 +223,11 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         lease.clone(),
     ));
 
-    let mut tasks = vec![
+    tasks.extend([
         tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone(), lease)),
         tokio::spawn(api::binary::serve(client_l, app.clone())),
         tokio::spawn(admin::serve(admin_l, app.clone())),
-    ];
+    ]);
     if let Some(l) = text_l {
         tasks.push(tokio::spawn(api::text::serve(l, app.clone())));
     }

@@ -54,6 +54,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, StorageIOError};
 use serde::{de::DeserializeOwned, Serialize};
 
+use super::covered::SnapshotCover;
 use super::durable::Durable;
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
@@ -94,6 +95,9 @@ pub struct LogStore {
     /// Set by [`LogStore::leader_writes_ahead`]: this member's id, whose own entries are
     /// reported flushed before their fsync.
     me: Option<NodeId>,
+    /// Set by [`LogStore::purge_behind_snapshots`]: purges wait for a durable snapshot
+    /// that covers them.
+    cover: Option<SnapshotCover>,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: &impl ToString) -> StorageError {
@@ -124,10 +128,13 @@ impl LogStore {
         let committed: Option<LogId> = read_small::<Option<LogId>>(&dir.join("committed")).ok().flatten().flatten();
         let (segments, entries, offsets) = load_segments(dir, last_purged)?;
         // What an earlier process wrote may still be only in the page cache; from here on
-        // it counts as durable.
+        // it counts as durable: the last segment's data, and the directory, which may
+        // hold a segment created or a file renamed by a process killed before it synced
+        // the directory.
         if let Some(seg) = segments.last() {
             seg.file.sync_data()?;
         }
+        sync_dir(dir)?;
         let last = entries.last_key_value().map(|(_, e)| *e.get_log_id()).or(last_purged);
         // A hint is written no further than the durable log, but an entry it names can
         // still be gone if the log was cut back since (a conflicting leader's entries).
@@ -145,6 +152,7 @@ impl LogStore {
             dir: dir.to_path_buf(),
             durable: Durable::new(last),
             me: None,
+            cover: None,
         })
     }
 
@@ -162,6 +170,19 @@ impl LogStore {
         drop(w);
         self.me = Some(me);
         Ok(self)
+    }
+
+    /// Purge only what a snapshot on disk covers (see `covered`), as a member must. Off,
+    /// the log purges whatever it is asked to (openraft's storage suite purges without
+    /// any snapshot).
+    pub fn purge_behind_snapshots(mut self) -> Self {
+        self.cover = Some(SnapshotCover::default());
+        self
+    }
+
+    /// What the state machine reports its durable snapshots to, if purges wait for them.
+    pub fn snapshot_cover(&self) -> Option<SnapshotCover> {
+        self.cover.clone()
     }
 
     /// How far the log is on disk.
@@ -309,6 +330,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        if let Some(cover) = &self.cover {
+            cover.wait_covers(log_id.index).await.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, &e))?;
+        }
         {
             let mut mem = lock(&self.mem);
             let keep = mem.entries.split_off(&(log_id.index + 1));
@@ -394,6 +418,8 @@ fn segment_name(first: u64) -> String {
 
 struct Segment {
     first: u64,
+    /// One past the index of its last record: the only index an append may continue it at.
+    next: u64,
     /// Shared with the `log-sync` thread, which syncs it.
     file: Arc<File>,
     len: u64,
@@ -451,14 +477,25 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
         }
         let next = first + records.len() as u64;
         match firsts.get(i + 1) {
-            // Segments follow each other without a gap: anything else is corruption.
-            Some(&want) if next != want => {
+            Some(&want) if next == want => {}
+            // A gap is where a purge went past the end of the log (a snapshot installed
+            // ahead of it) and the next append started a segment of its own: everything
+            // missing is purged, so nothing before the gap is read. Any other gap or
+            // overlap is corruption.
+            Some(&want) if next < want && last_purged.is_some_and(|p| want - 1 <= p.index) => {}
+            Some(&want) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{}: records end at index {next}, the next segment starts at {want}", path.display()),
+                    format!(
+                        "{}: records end at index {next}, the next segment starts at {want}{}",
+                        path.display(),
+                        match last_purged {
+                            Some(p) => format!(" (purged up to {})", p.index),
+                            None => " (nothing purged)".to_string(),
+                        }
+                    ),
                 ));
             }
-            Some(_) => {}
             // The last segment's valid records end where a crash stopped a write, or
             // where a recycled file's old content starts. Zero the rest, keeping the file
             // written in full: past a torn record there may be later records of this
@@ -480,7 +517,7 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
                 entries.insert(index, entry);
             }
         }
-        segments.push(Segment { first, file: Arc::new(file), len: valid as u64 });
+        segments.push(Segment { first, next, file: Arc::new(file), len: valid as u64 });
     }
     Ok((segments, entries, offsets))
 }
@@ -598,7 +635,23 @@ impl Writer {
                 .ok()
                 .map(Spare::Zeroing);
         }
-        let need_new = self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
+        // A segment's records follow each other from the index in its name, and start-up
+        // reads nothing past the first one that does not: an append that does not continue
+        // the last segment (the first after a purge past the end of the log, when a
+        // snapshot was installed ahead of it) starts a segment of its own.
+        let continues = match self.segments.last() {
+            Some(s) if s.next == first => true,
+            Some(s) if s.next > first => {
+                // openraft truncates before it overwrites; writing here would hide the
+                // records after `first` from start-up.
+                return Err(io::Error::other(format!(
+                    "append at index {first} overlaps the log, which ends at {}",
+                    s.next - 1
+                )));
+            }
+            _ => false,
+        };
+        let need_new = !continues || self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
         if need_new {
             // The previous segment must be durable before a later one can exist.
             if let Some(seg) = self.segments.last() {
@@ -606,7 +659,7 @@ impl Writer {
             }
             let file = self.new_segment_file(first)?;
             sync_dir(&self.dir)?;
-            self.segments.push(Segment { first, file, len: 0 });
+            self.segments.push(Segment { first, next: first, file, len: 0 });
         }
         let Some(seg) = self.segments.last_mut() else {
             return Err(io::Error::other("no segment"));
@@ -624,6 +677,7 @@ impl Writer {
         }
         debug_assert_eq!(index, last + 1);
         seg.len += records.len() as u64;
+        seg.next = last + 1;
         Ok(())
     }
 
@@ -633,29 +687,38 @@ impl Writer {
             return self.sync();
         };
         self.offsets.split_off(&since);
+        let mut removed = false;
         while let Some(seg) = self.segments.last() {
             if seg.first > seg_first {
                 fs::remove_file(self.dir.join(segment_name(seg.first)))?;
                 self.segments.pop();
+                removed = true;
             } else {
                 break;
             }
+        }
+        // Before the cut segment changes: a removed later segment that came back after a
+        // crash would hold entries the cut one no longer leads up to.
+        if removed {
+            sync_dir(&self.dir)?;
         }
         if let Some(seg) = self.segments.last_mut() {
             seg.file.set_len(offset)?;
             seg.file.sync_all()?;
             seg.len = offset;
+            seg.next = since;
         }
-        sync_dir(&self.dir)
+        Ok(())
     }
 
     fn purge(&mut self, upto: LogId) -> io::Result<()> {
         // Record the purge first: if we crash between the two steps, start-up skips the
         // purged entries still on disk instead of finding a hole.
         write_small(&self.dir.join("purged"), &upto)?;
-        // A segment can go once the next one starts at or before `upto + 1`, i.e. all
-        // its entries are purged. The last segment always stays (it is being written).
-        while self.segments.len() > 1 && self.segments[1].first <= upto.index + 1 {
+        // A segment can go once all its entries are purged, the last one too: a purge can
+        // go past the end of the log (a snapshot installed ahead of it), and the next
+        // append then starts a segment of its own.
+        while self.segments.first().is_some_and(|s| s.next <= upto.index + 1) {
             let seg = self.segments.remove(0);
             let path = self.dir.join(segment_name(seg.first));
             // A full segment is written in full: keep it as the next one.
@@ -849,6 +912,75 @@ mod tests {
         assert_eq!(indices, (11..=23).collect::<Vec<_>>(), "no record of the file's earlier use");
         let data = fs::read(&third).expect("read");
         assert!(data[records(21..=23).len()..].iter().all(|b| *b == 0), "the old records were zeroed");
+    }
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    async fn indices(dir: &Path) -> (Option<u64>, Vec<u64>) {
+        let mut store = LogStore::open(dir, true).expect("reopen");
+        let state = store.get_log_state().await.expect("state");
+        let got = store.try_get_log_entries(..).await.expect("read");
+        (state.last_purged_log_id.map(|l| l.index), got.iter().map(|e| e.log_id.index).collect())
+    }
+
+    /// A follower that installs a snapshot ahead of its log purges past its last entry,
+    /// then appends from the snapshot on: those entries must survive a restart.
+    #[tokio::test]
+    async fn entries_appended_after_a_purge_past_the_end_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut store = LogStore::open(dir.path(), true).expect("open");
+            store.write_entries((1..=10).map(|i| entry(1, i, "x")).collect()).expect("append");
+            store.purge(log_id(20)).await.expect("purge");
+            store.write_entries((21..=25).map(|i| entry(1, i, "y")).collect()).expect("append");
+        }
+        assert_eq!(indices(dir.path()).await, (Some(20), (21..=25).collect()));
+        // And again after more appends and a second restart, through a reused segment.
+        {
+            let mut store = LogStore::open(dir.path(), true).expect("open");
+            store.write_entries((26..=30).map(|i| entry(1, i, "z")).collect()).expect("append");
+            store.purge(log_id(40)).await.expect("purge");
+            store.write_entries((41..=42).map(|i| entry(1, i, "w")).collect()).expect("append");
+        }
+        assert_eq!(indices(dir.path()).await, (Some(40), vec![41, 42]));
+    }
+
+    /// A purge past the end recorded, then a crash before the old segment was removed:
+    /// the gap before the new segment is all purged, so start-up accepts it. A gap with
+    /// entries missing that were never purged is corruption.
+    #[tokio::test]
+    async fn start_up_accepts_a_gap_exactly_when_it_is_purged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(segment_name(1)), records(1..=10)).expect("write");
+        fs::write(dir.path().join(segment_name(21)), records(21..=25)).expect("write");
+        write_small(&dir.path().join("purged"), &log_id(20)).expect("purged");
+        assert_eq!(indices(dir.path()).await, (Some(20), (21..=25).collect()));
+
+        write_small(&dir.path().join("purged"), &log_id(19)).expect("purged");
+        let err = LogStore::open(dir.path(), true).err().expect("entry 20 is missing and not purged");
+        assert!(err.to_string().contains("records end at index 11, the next segment starts at 21"), "{err}");
+    }
+
+    /// Every segment a purge covers goes, the last one too, and an append that does not
+    /// follow the last segment starts a new one; an append into the log is refused.
+    #[tokio::test]
+    async fn appends_that_do_not_follow_on_start_a_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = Writer::new(dir.path(), Vec::new(), BTreeMap::new(), true);
+        w.append(&records(1..=10), 1, 10).expect("append");
+        w.purge(log_id(20)).expect("purge");
+        assert!(w.segments.is_empty(), "segment 1..=10 is entirely purged");
+        assert!(!dir.path().join(segment_name(1)).exists());
+        w.append(&records(21..=22), 21, 22).expect("append");
+        // What start-up relies on after a crash between recording a purge and removing the
+        // segments it covers (openraft's storage suite also appends with gaps).
+        w.append(&records(30..=31), 30, 31).expect("append");
+        let firsts: Vec<u64> = w.segments.iter().map(|s| s.first).collect();
+        assert_eq!(firsts, vec![21, 30]);
+        let err = w.append(&records(31..=31), 31, 31).expect_err("31 is already there");
+        assert!(err.to_string().contains("overlaps"), "{err}");
     }
 
     /// A store that takes `entries` as openraft's append does, without its callback.

@@ -1,5 +1,6 @@
 //! Storage: the durable log (`log`) and the guest-backed state machine (`sm`).
 
+pub mod covered;
 pub mod durable;
 pub mod log;
 pub mod sm;

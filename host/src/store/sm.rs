@@ -32,6 +32,7 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOErr
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::oneshot;
 
+use super::covered::SnapshotCover;
 use super::durable::Durable;
 use super::log::{sync_dir, LogStore, SharedLog};
 use crate::fsm::{ApplyOutcome, GuestModule, Instance};
@@ -52,6 +53,8 @@ pub struct StateMachine {
     dir: PathBuf,
     receiving: Arc<Mutex<Vec<PathBuf>>>,
     seq: Arc<AtomicU64>,
+    /// Told when an install fails, so that the log's purge waiting for it gives up.
+    cover: Option<SnapshotCover>,
 }
 
 /// What `/status` shows of the state: the digest at `last_applied`, read together.
@@ -94,6 +97,7 @@ impl StateMachine {
     /// instance. Fails if the guest refuses its settings.
     pub fn open(dir: &Path, spec: GuestSpec, log: &LogStore, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let durable = log.durable();
+        let cover = log.snapshot_cover();
         let log = log.shared();
         fs::create_dir_all(dir)?;
         fs::create_dir_all(&spec.guest_dir)?;
@@ -103,6 +107,9 @@ impl StateMachine {
                 let _ = fs::remove_file(e.path());
             }
         }
+        // A snapshot renamed into place by a process killed before it synced the
+        // directory counts as durable from here on (the log may be purged behind it).
+        sync_dir(dir)?;
         let mut worker = Worker {
             spec,
             inst: None,
@@ -113,6 +120,7 @@ impl StateMachine {
             log,
             trapped: BTreeSet::new(),
             metrics,
+            cover: cover.clone(),
         };
         let (tx, rx) = mpsc::channel();
         // The first instance is made on the worker thread too: guest file calls block the
@@ -128,7 +136,7 @@ impl StateMachine {
             }
         })?;
         started_rx.recv().map_err(|_| anyhow::anyhow!("the state-machine thread died while starting"))??;
-        Ok(StateMachine { tx, durable, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default() })
+        Ok(StateMachine { tx, durable, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default(), cover })
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, StorageError> {
@@ -159,6 +167,40 @@ impl StateMachine {
             Ok(r) => r,
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Put a received snapshot in place and restore the guest from it.
+    async fn install_received(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        snapshot.sync_all().await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+        let ino = snapshot.metadata().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?.ino();
+        // The file handle does not carry its path; find it among the files we created.
+        let received = {
+            let mut receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
+            let pos = receiving.iter().position(|p| fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false));
+            pos.map(|i| receiving.remove(i))
+        };
+        let path = match received {
+            Some(p) => p,
+            // A handle we did not hand out (e.g. one of our own snapshots): copy it.
+            None => {
+                let mut copy = self.begin_receiving_snapshot().await?;
+                snapshot.rewind().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                tokio::io::copy(&mut *snapshot, &mut *copy).await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+                copy.sync_all().await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+                self.receiving
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop()
+                    .ok_or_else(|| snap_err(ErrorVerb::Write, &"snapshot copy vanished"))?
+            }
+        };
+        drop(snapshot);
+        let meta = meta.clone();
+        self.call(|tx| Op::Install(meta, path, tx)).await?
     }
 }
 
@@ -211,34 +253,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        mut snapshot: Box<tokio::fs::File>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        snapshot.sync_all().await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
-        let ino = snapshot.metadata().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?.ino();
-        // The file handle does not carry its path; find it among the files we created.
-        let received = {
-            let mut receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
-            let pos = receiving.iter().position(|p| fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false));
-            pos.map(|i| receiving.remove(i))
-        };
-        let path = match received {
-            Some(p) => p,
-            // A handle we did not hand out (e.g. one of our own snapshots): copy it.
-            None => {
-                let mut copy = self.begin_receiving_snapshot().await?;
-                snapshot.rewind().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-                tokio::io::copy(&mut *snapshot, &mut *copy).await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
-                copy.sync_all().await.map_err(|e| snap_err(ErrorVerb::Write, &e))?;
-                self.receiving
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop()
-                    .ok_or_else(|| snap_err(ErrorVerb::Write, &"snapshot copy vanished"))?
-            }
-        };
-        drop(snapshot);
-        let meta = meta.clone();
-        self.call(|tx| Op::Install(meta, path, tx)).await?
+        let res = self.install_received(meta, snapshot).await;
+        if let (Err(e), Some(cover)) = (&res, &self.cover) {
+            cover.fail(e.to_string());
+        }
+        res
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
@@ -291,6 +312,7 @@ struct Worker {
     /// Commands (log index, position) after the current snapshot whose application trapped.
     trapped: BTreeSet<(u64, usize)>,
     metrics: Arc<Metrics>,
+    cover: Option<SnapshotCover>,
 }
 
 impl Worker {
@@ -307,12 +329,20 @@ impl Worker {
                 .map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
             self.last_applied = meta.last_log_id;
             self.membership = meta.last_membership.clone();
+            self.covered(&meta);
             self.snapshot = Some(meta);
             self.inst = Some(inst);
         } else {
             self.inst = Some(self.fresh()?);
         }
         Ok(())
+    }
+
+    /// `meta`'s snapshot is on disk: the log may be purged up to it.
+    fn covered(&self, meta: &SnapshotMeta) {
+        if let Some(cover) = &self.cover {
+            cover.advance(meta.last_log_id.map(|l| l.index));
+        }
     }
 
     fn fresh(&self) -> anyhow::Result<Instance> {
@@ -529,6 +559,7 @@ impl Worker {
         let sync_ms = streamed.elapsed().as_millis();
         tracing::info!(snapshot = %meta.snapshot_id, bytes, stream_ms, sync_ms, "snapshot built");
         self.metrics.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        self.covered(&meta);
         self.snapshot = Some(meta.clone());
         Ok(meta)
     }
@@ -543,6 +574,7 @@ impl Worker {
         sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         self.metrics.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        self.covered(&meta);
         self.inst = Some(inst);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
