@@ -983,6 +983,38 @@ mod tests {
         assert!(err.to_string().contains("overlaps"), "{err}");
     }
 
+    /// openraft purges for an installed snapshot while the install still runs: the purge
+    /// must not reach the disk before the snapshot does, nor at all if the install fails.
+    #[tokio::test]
+    async fn purge_waits_for_a_snapshot_on_disk_that_covers_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::open(dir.path(), true).expect("open").purge_behind_snapshots();
+        let cover = store.snapshot_cover().expect("purges wait for snapshots");
+        store.write_entries((0..=10).map(|i| entry(1, i, "x")).collect()).expect("append");
+        cover.advance(Some(4));
+        store.clone().purge(log_id(4)).await.expect("covered already");
+
+        let purge = tokio::spawn({
+            let mut store = store.clone();
+            async move { store.purge(log_id(30)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!purge.is_finished(), "no snapshot covers 30 yet");
+        assert_eq!(read_small::<LogId>(&dir.path().join("purged")).expect("read"), Some(log_id(4)));
+        assert_eq!(indices(dir.path()).await, (Some(4), (5..=10).collect()), "the log is intact on disk");
+        cover.advance(Some(30));
+        purge.await.expect("join").expect("purged once covered");
+        assert_eq!(read_small::<LogId>(&dir.path().join("purged")).expect("read"), Some(log_id(30)));
+
+        let purge = tokio::spawn({
+            let mut store = store.clone();
+            async move { store.purge(log_id(50)).await }
+        });
+        cover.fail("guest restore failed".into());
+        assert!(purge.await.expect("join").is_err(), "the install failed: nothing to purge behind");
+        assert_eq!(read_small::<LogId>(&dir.path().join("purged")).expect("read"), Some(log_id(30)));
+    }
+
     /// A store that takes `entries` as openraft's append does, without its callback.
     fn store_with_vote(dir: &Path, vote: Vote) -> LogStore {
         let store = LogStore::open(dir, true).expect("open").leader_writes_ahead(1).expect("writes ahead");
