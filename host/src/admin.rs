@@ -23,15 +23,33 @@ use crate::types::{Member, NodeId};
 
 pub const TOKEN_HEADER: &str = "x-cluster-token";
 
+/// Admin connections served at once: operators, probes and joining members.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A request's head must arrive within this, or the connection is closed (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body: a join request is a few hundred bytes.
+const MAX_BODY: usize = 64 * 1024;
+
 pub async fn serve(listener: TcpListener, app: Arc<App>) {
     let router = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/join", post(join))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app);
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "admin server stopped");
-    }
+    crate::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection closed");
+            }
+        }
+    })
+    .await;
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -177,7 +195,7 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
     };
     if !app.token.is_empty() {
         let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if given != app.token {
+        if !crate::net::same_secret(given.as_bytes(), app.token.as_bytes()) {
             tracing::warn!(node = req.id, "join refused: wrong cluster token");
             return reply(StatusCode::UNAUTHORIZED, "wrong or missing cluster token", None);
         }
@@ -279,8 +297,9 @@ pub async fn post_json(
         req.push_str("\r\n");
         req.push_str(body);
         s.write_all(req.as_bytes()).await?;
+        // A join answer is small; a seed that sends more is not one of ours.
         let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await?;
+        (&mut s).take(1 << 20).read_to_end(&mut resp).await?;
         parse_response(&resp)
     };
     tokio::time::timeout(timeout, fut)

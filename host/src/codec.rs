@@ -1,8 +1,12 @@
 //! Length-delimited frames: a 4-byte big-endian length, then that many bytes of a prost
 //! message. Used by both the peer RPC and the client protocol.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Default upper bound of one frame. Snapshot chunks (1 MiB) and batches of
 /// AppendEntries stay well below it; anything larger is a malformed or hostile peer.
@@ -18,6 +22,137 @@ pub enum FrameError {
     Decode(#[from] prost::DecodeError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    TimedOut(&'static str),
+}
+
+/// A connection's read buffer is shrunk back after a frame larger than this, so that one
+/// large request does not stay allocated for the connection's life.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// How long a connection may wait for its next frame, and how long a frame's body may
+/// take once its length has arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub body: Duration,
+}
+
+/// Read one frame within `t`: a peer that says nothing, or announces a frame and then
+/// trickles it, is cut off instead of holding its connection (and buffer) for ever.
+pub async fn read_frame_within<M, R>(r: &mut R, max: usize, buf: &mut Vec<u8>, t: Timeouts) -> Result<M, FrameError>
+where
+    M: Message + Default,
+    R: AsyncRead + Unpin,
+{
+    let len = read_len_within(r, t.idle).await?;
+    read_body_within(r, len, max, buf, t.body).await
+}
+
+/// The next frame's length, if it starts within `idle`.
+pub async fn read_len_within<R: AsyncRead + Unpin>(r: &mut R, idle: Duration) -> Result<usize, FrameError> {
+    match tokio::time::timeout(idle, read_len(r)).await {
+        Ok(len) => len,
+        Err(_) => Err(FrameError::TimedOut("idle for too long")),
+    }
+}
+
+/// A frame's body of `len` bytes, if it arrives within `body`.
+pub async fn read_body_within<M, R>(
+    r: &mut R,
+    len: usize,
+    max: usize,
+    buf: &mut Vec<u8>,
+    body: Duration,
+) -> Result<M, FrameError>
+where
+    M: Message + Default,
+    R: AsyncRead + Unpin,
+{
+    match tokio::time::timeout(body, read_body(r, len, max, buf)).await {
+        Ok(m) => m,
+        Err(_) => Err(FrameError::TimedOut("a frame's body arrived too slowly")),
+    }
+}
+
+/// `read_body_within`, with the body's bytes counted against `budget` (in KiB, at least
+/// one) as they arrive rather than up front: a sender that announces a large frame and
+/// sends nothing holds almost none of it. The permit comes back with the message, to be
+/// held for as long as the request is.
+pub async fn read_body_budgeted<M, R>(
+    r: &mut R,
+    len: usize,
+    max: usize,
+    buf: &mut Vec<u8>,
+    within: Duration,
+    budget: &Arc<Semaphore>,
+) -> Result<(M, OwnedSemaphorePermit), FrameError>
+where
+    M: Message + Default,
+    R: AsyncRead + Unpin,
+{
+    const CHUNK: usize = 64 * 1024;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let gone = |_| FrameError::Io(std::io::Error::other("the member is stopping"));
+    let read = async {
+        buf.clear();
+        let mut held = budget.clone().acquire_owned().await.map_err(gone)?;
+        while buf.len() < len {
+            let chunk = (len - buf.len()).min(CHUNK);
+            held.merge(budget.clone().acquire_many_owned(chunk.div_ceil(1024) as u32).await.map_err(gone)?);
+            if (&mut *r).take(chunk as u64).read_to_end(buf).await? < chunk {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+        let msg = M::decode(buf.as_slice());
+        if buf.capacity() > KEEP_BUFFER {
+            *buf = Vec::new();
+        }
+        Ok((msg?, held))
+    };
+    match tokio::time::timeout(within, read).await {
+        Ok(m) => m,
+        Err(_) => Err(FrameError::TimedOut("a frame's body arrived too slowly")),
+    }
+}
+
+/// Reads past a frame too large to accept, keeping the stream in step, and returns the
+/// value of its field 1 if the frame starts with it (the request id in `ClientRequest`,
+/// which prost writes first), so that the refusal can name the request it answers.
+pub async fn skip_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    within: Duration,
+) -> Result<Option<u64>, FrameError> {
+    let skip = async {
+        let mut head = [0u8; 11];
+        let n = head.len().min(len);
+        r.read_exact(&mut head[..n]).await?;
+        tokio::io::copy(&mut (&mut *r).take((len - n) as u64), &mut tokio::io::sink()).await?;
+        Ok::<_, std::io::Error>(leading_field_1(&head[..n]))
+    };
+    match tokio::time::timeout(within, skip).await {
+        Ok(id) => Ok(id?),
+        Err(_) => Err(FrameError::TimedOut("a frame's body arrived too slowly")),
+    }
+}
+
+/// Field 1 as a varint at the start of an encoded message.
+fn leading_field_1(bytes: &[u8]) -> Option<u64> {
+    let (&tag, rest) = bytes.split_first()?;
+    if tag != 0x08 {
+        return None;
+    }
+    let mut value = 0u64;
+    for (i, b) in rest.iter().take(10).enumerate() {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// Read one frame. `Closed` only when the peer closed cleanly between frames.
@@ -26,25 +161,48 @@ where
     M: Message + Default,
     R: AsyncRead + Unpin,
 {
+    let len = read_len(r).await?;
+    read_body(r, len, max, buf).await
+}
+
+async fn read_len<R: AsyncRead + Unpin>(r: &mut R) -> Result<usize, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
+        Ok(_) => Ok(u32::from_be_bytes(len) as usize),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
+        Err(e) => Err(e.into()),
     }
-    let len = u32::from_be_bytes(len) as usize;
+}
+
+async fn read_body<M, R>(r: &mut R, len: usize, max: usize, buf: &mut Vec<u8>) -> Result<M, FrameError>
+where
+    M: Message + Default,
+    R: AsyncRead + Unpin,
+{
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
     buf.clear();
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
-    Ok(M::decode(buf.as_slice())?)
+    // The buffer grows as the body arrives, never to the announced length up front: a
+    // stranger can announce 16 MiB and send nothing, on as many connections as it likes.
+    let got = (&mut *r).take(len as u64).read_to_end(buf).await?;
+    if got < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    let msg = M::decode(buf.as_slice());
+    if buf.capacity() > KEEP_BUFFER {
+        *buf = Vec::new();
+    }
+    Ok(msg?)
 }
 
 /// Append one encoded frame to `out` (so that several frames go out in one write).
+///
+/// Panics on a message of 4 GiB or more, which no sender may produce: every frame is
+/// bounded far below that (commands, AppendEntries batches, snapshot chunks).
 pub fn encode_frame<M: Message>(msg: &M, out: &mut Vec<u8>) {
     let len = msg.encoded_len();
+    assert!(u32::try_from(len).is_ok(), "a frame of {len} bytes cannot be sent: its length would wrap");
     out.reserve(4 + len);
     out.extend_from_slice(&(len as u32).to_be_bytes());
     // Encoding into a Vec cannot fail: it grows as needed.
@@ -56,6 +214,10 @@ where
     M: Message,
     W: AsyncWrite + Unpin,
 {
+    let len = msg.encoded_len();
+    if u32::try_from(len).is_err() {
+        return Err(FrameError::TooLarge { len, max: u32::MAX as usize });
+    }
     let mut out = Vec::new();
     encode_frame(msg, &mut out);
     w.write_all(&out).await?;
@@ -96,6 +258,60 @@ mod tests {
         let garbage = [0u8, 0, 0, 3, 0xff, 0xff, 0xff];
         let mut r = &garbage[..];
         assert!(matches!(read_frame::<ClientRequest, _>(&mut r, 1024, &mut buf).await, Err(FrameError::Decode(_))));
+    }
+
+    /// A frame too large to take is skipped whole, so the next one is read in step, and
+    /// its request id is recovered for the refusal.
+    #[tokio::test]
+    async fn an_oversized_frame_is_skipped_and_names_its_request() {
+        let big = ClientRequest { id: 300, kind: 0, payload: vec![7; 5000], stale_ok: false };
+        let next = ClientRequest { id: 301, kind: 1, payload: b"get-1".to_vec(), stale_ok: false };
+        let mut wire = Vec::new();
+        encode_frame(&big, &mut wire);
+        encode_frame(&next, &mut wire);
+        let mut r = wire.as_slice();
+        let len = read_len(&mut r).await.expect("length");
+        assert!(len > 1024);
+        assert_eq!(skip_frame(&mut r, len, Duration::from_secs(1)).await.expect("skip"), Some(300));
+        let mut buf = Vec::new();
+        let got: ClientRequest = read_frame(&mut r, 1024, &mut buf).await.expect("the next frame");
+        assert_eq!(got, next);
+        assert_eq!(leading_field_1(&[0x12, 0x01]), None, "a frame that does not start with field 1");
+    }
+
+    /// The budget is taken as the body arrives: a sender that announced a large frame
+    /// and sent little holds little of it, and the permit covers what was read.
+    #[tokio::test]
+    async fn request_bytes_are_taken_from_the_budget_as_they_arrive() {
+        let budget = Arc::new(Semaphore::new(1000));
+        let req = ClientRequest { id: 1, kind: 0, payload: vec![1; 200 * 1024], stale_ok: false };
+        let mut wire = Vec::new();
+        encode_frame(&req, &mut wire);
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        client.write_all(&wire[..4 + 10]).await.expect("a little of it");
+        let len = read_len(&mut server).await.expect("length");
+        let mut buf = Vec::new();
+        let slow = read_body_budgeted::<ClientRequest, _>(
+            &mut server,
+            len,
+            1 << 20,
+            &mut buf,
+            Duration::from_millis(200),
+            &budget,
+        )
+        .await;
+        assert!(matches!(slow, Err(FrameError::TimedOut(_))), "{slow:?}");
+        assert_eq!(budget.available_permits(), 1000, "given back when the read gave up");
+
+        let mut r = wire.as_slice();
+        let len = read_len(&mut r).await.expect("length");
+        let (got, held) =
+            read_body_budgeted::<ClientRequest, _>(&mut r, len, 1 << 20, &mut buf, Duration::from_secs(1), &budget)
+                .await
+                .expect("frame");
+        assert_eq!(got, req);
+        assert!(held.num_permits() > 200, "the permit covers the body: {}", held.num_permits());
+        assert!(buf.capacity() <= KEEP_BUFFER, "a large buffer is not kept");
     }
 
     /// Random bytes must give an error or a message, never a panic or a huge allocation.

@@ -59,8 +59,14 @@ pub struct Opts {
 
     /// Shared secret peers and joining nodes must present. Without it, anyone who can
     /// reach the raft and admin ports can join the cluster.
-    #[arg(long, env = "HOST_CLUSTER_TOKEN", hide_env_values = true)]
+    /// (A flag's value shows in `ps`; prefer `--cluster-token-file` or the environment.)
+    #[arg(long, env = "HOST_CLUSTER_TOKEN", hide_env_values = true, conflicts_with = "cluster_token_file")]
     pub cluster_token: Option<String>,
+
+    /// File holding the cluster token (surrounding whitespace ignored), for example a
+    /// mounted Kubernetes Secret.
+    #[arg(long, env = "HOST_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<PathBuf>,
 
     /// Build a snapshot (and compact the log) after this many entries.
     #[arg(long, env = "HOST_SNAPSHOT_EVERY", default_value_t = 10_000)]
@@ -112,6 +118,16 @@ pub struct Opts {
     #[arg(long, env = "HOST_MAX_FRAME_BYTES", default_value_t = crate::codec::DEFAULT_MAX_FRAME)]
     pub max_frame_bytes: usize,
 
+    /// Connections served at once on each client-facing port (binary and text); more are
+    /// closed as soon as they are accepted.
+    #[arg(long, env = "HOST_MAX_CLIENT_CONNECTIONS", default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS)]
+    pub max_client_connections: usize,
+
+    /// Client request bytes this member holds at once across all connections, from a
+    /// request's first byte until its answer is written; past it, reading waits.
+    #[arg(long, env = "HOST_CLIENT_REQUEST_BUDGET_MB", default_value_t = crate::api::DEFAULT_REQUEST_BUDGET >> 20)]
+    pub client_request_budget_mb: usize,
+
     /// Do not fsync the log. Only for experiments: a crash can lose acknowledged writes.
     #[arg(long, env = "HOST_NO_FSYNC")]
     pub no_fsync: bool,
@@ -127,6 +143,25 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 impl Opts {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("./data/node-{}", self.id)))
+    }
+
+    /// The cluster token, or "" for none. An empty one is refused rather than taken to
+    /// mean "no authentication", which is what it would silently do.
+    pub fn token(&self) -> Result<String, String> {
+        let token = match (&self.cluster_token, &self.cluster_token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("--cluster-token-file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(String::new()),
+        };
+        if token.is_empty() {
+            return Err("the cluster token is empty, which would turn authentication off; \
+                        leave the token out to run without one"
+                .to_string());
+        }
+        Ok(token)
     }
 
     /// The address peers and clients should use for a bound address.
@@ -151,6 +186,24 @@ mod tests {
         assert_eq!(o.fsm_config, vec![("a".into(), "1".into()), ("b".into(), "x=y".into())]);
         assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--fsm-config", "novalue"]).is_err());
         assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn an_empty_token_is_refused_and_a_token_file_is_read() {
+        let o = Opts::try_parse_from(["host", "--fsm", "x", "--cluster-token", ""]).expect("parse");
+        assert!(o.token().is_err());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let path = file.display().to_string();
+        let o = Opts::try_parse_from(["host", "--fsm", "x", "--cluster-token-file", &path]).expect("parse");
+        assert_eq!(o.token(), Ok("s3cret".to_string()));
+        std::fs::write(&file, " \n").expect("write");
+        assert!(o.token().is_err(), "a blank file is an empty token");
+        assert!(Opts::try_parse_from(["host", "--fsm", "x", "--cluster-token", "a", "--cluster-token-file", &path])
+            .is_err());
+        let o = Opts::try_parse_from(["host", "--fsm", "x"]).expect("parse");
+        assert_eq!(o.token(), Ok(String::new()));
     }
 
     #[test]

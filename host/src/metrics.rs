@@ -11,6 +11,8 @@ const APPLY_BUCKETS_US: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 500, 1_000, 10_00
 #[derive(Default)]
 pub struct Metrics {
     pub proposals: AtomicU64,
+    /// Proposals answered (any outcome): `proposals` minus this is what is in flight.
+    pub proposals_answered: AtomicU64,
     pub proposal_errors: AtomicU64,
     pub queries: AtomicU64,
     pub query_errors: AtomicU64,

@@ -22,7 +22,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::BufStream;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::codec::{read_frame, write_frame, FrameError};
+use crate::codec::{read_frame, read_frame_within, write_frame, FrameError, Timeouts};
 use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
 use crate::store::Durable;
@@ -60,6 +60,12 @@ const MAX_IDLE_PER_PEER: usize = 4;
 /// batches of about 1 MiB each, or a 1 MiB snapshot chunk.
 const HELLO_MAX_FRAME: usize = 64 * 1024;
 const PEER_MAX_FRAME: usize = 256 * 1024 * 1024;
+/// A stranger must prove membership at once; a member's connection may sit in the pool.
+const HELLO_TIMEOUTS: Timeouts = Timeouts { idle: Duration::from_secs(5), body: Duration::from_secs(5) };
+const PEER_TIMEOUTS: Timeouts = Timeouts { idle: Duration::from_secs(300), body: Duration::from_secs(60) };
+/// Peer connections accepted at once: members keep a replication stream and a few pooled
+/// connections each, so this is far above what a cluster uses.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -263,7 +269,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
 /// Accept peer connections until the listener is dropped with the task.
 pub async fn serve(listener: TcpListener, raft: Raft, token: String, lease: Arc<Lease>) {
-    accept_loop(listener, "raft", move |stream| {
+    accept_loop(listener, "raft", MAX_PEER_CONNECTIONS, move |stream| {
         let raft = raft.clone();
         let token = token.clone();
         let lease = lease.clone();
@@ -276,19 +282,34 @@ pub async fn serve(listener: TcpListener, raft: Raft, token: String, lease: Arc<
     .await;
 }
 
-/// Accept connections for ever, each served by its own task. A failed accept (out of
-/// file descriptors, say) is logged and retried after a pause rather than ending the
-/// server.
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, serve: F)
+/// Accept connections for ever, each served by its own task, at most `max` at once: a
+/// connection over the limit is closed as soon as it is accepted (rather than left in the
+/// kernel's backlog, where it would hold a slot of its own), and the port keeps serving
+/// those it has. A failed accept (out of file descriptors, say) is logged and retried
+/// after a pause rather than ending the server.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, max: usize, serve: F)
 where
     F: Fn(TcpStream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let refusals = Every::new(Duration::from_secs(10));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if refusals.ready() {
+                        tracing::warn!(what, %peer, max, "connection limit reached; closing new connections");
+                    }
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream));
+                let conn = serve(stream);
+                tokio::spawn(async move {
+                    conn.await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, what, "accept failed");
@@ -298,22 +319,60 @@ where
     }
 }
 
+/// Lets a log line through at most once per period: what strangers cause must not flood
+/// the member's log.
+pub(crate) struct Every {
+    period: Duration,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl Every {
+    pub(crate) fn new(period: Duration) -> Self {
+        Every { period, last: Mutex::new(None) }
+    }
+
+    pub(crate) fn ready(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < self.period) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// Compares secrets in time that does not depend on where they first differ.
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+static REFUSED_PEERS: std::sync::LazyLock<Every> = std::sync::LazyLock::new(|| Every::new(Duration::from_secs(10)));
+
 async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str, lease: &Lease) -> Result<(), FrameError> {
+    let peer = stream.peer_addr().ok();
     let mut stream = BufStream::new(stream);
     let mut buf = Vec::new();
-    let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
+    let hello: PeerRequest = read_frame_within(&mut stream, HELLO_MAX_FRAME, &mut buf, HELLO_TIMEOUTS).await?;
     let ok = hello.kind == PeerKind::Hello as i32
-        && <PeerHello as prost::Message>::decode(hello.payload.as_ref()).is_ok_and(|h| h.token == token);
+        && <PeerHello as prost::Message>::decode(hello.payload.as_ref())
+            .is_ok_and(|h| same_secret(h.token.as_bytes(), token.as_bytes()));
     if !ok {
         let refused =
             if hello.kind == PeerKind::Hello as i32 { "wrong cluster token" } else { "expected a hello frame first" };
-        tracing::warn!(refused, "refused a peer connection");
+        if REFUSED_PEERS.ready() {
+            tracing::warn!(refused, ?peer, "refused a peer connection (further refusals for 10 s are not logged)");
+        }
         write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused: refused.into() }).await?;
         return Ok(());
     }
     write_frame(&mut stream, &PeerResponse::default()).await?;
     loop {
-        let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
+        let req: PeerRequest = read_frame_within(&mut stream, PEER_MAX_FRAME, &mut buf, PEER_TIMEOUTS).await?;
         let resp = match dispatch(raft, lease, &req).await {
             Ok(payload) => PeerResponse { payload, refused: String::new() },
             Err(why) => PeerResponse { payload: Vec::new(), refused: why },

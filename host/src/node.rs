@@ -100,10 +100,14 @@ async fn bind(addr: &str, what: &str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr).await.map_err(|e| StartError::Input(format!("cannot listen on {addr} ({what}): {e}")))
 }
 
+/// How long a stopping member waits for proposals in flight to be answered.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Run a member until `shutdown` completes.
 pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let limits =
         Limits { fuel_per_entry: opts.fuel_per_entry, memory_bytes: opts.guest_memory_mb.saturating_mul(1 << 20) };
+    let token = opts.token().map_err(StartError::Input)?;
     let module = Arc::new(GuestModule::load(&opts.fsm, limits)?);
     let data_dir = opts.data_dir();
     let identity = Identity {
@@ -186,7 +190,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         Duration::from_millis(config.election_timeout_min),
         Duration::from_millis(config.election_timeout_max),
     ));
-    let network = Network::new(opts.id, opts.cluster_token.clone().unwrap_or_default(), lease.clone(), log.durable());
+    let network = Network::new(opts.id, token.clone(), lease.clone(), log.durable());
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
@@ -209,19 +213,22 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         admin_addr: opts.advertised(&opts.admin_addr),
         client_addr: opts.advertised(&opts.client_addr),
     };
-    let app = Arc::new(App::new(
-        opts.id,
-        raft.clone(),
-        sm,
-        metrics,
-        Duration::from_millis(opts.proposal_timeout_ms),
-        opts.max_frame_bytes,
-        opts.cluster_token.clone().unwrap_or_default(),
-        module.sha256().to_string(),
-        opts.fsm_config.clone(),
-        opts.max_inflight_batches,
-        lease.clone(),
-    ));
+    let app = Arc::new(
+        App::new(
+            opts.id,
+            raft.clone(),
+            sm,
+            metrics,
+            Duration::from_millis(opts.proposal_timeout_ms),
+            opts.max_frame_bytes,
+            token,
+            module.sha256().to_string(),
+            opts.fsm_config.clone(),
+            opts.max_inflight_batches,
+            lease.clone(),
+        )
+        .with_client_limits(opts.max_client_connections, opts.client_request_budget_mb.saturating_mul(1 << 20)),
+    );
 
     tasks.extend([
         tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone(), lease)),
@@ -288,6 +295,11 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     tracing::info!("shutting down");
     for t in &tasks {
         t.abort();
+    }
+    // Connections already open keep their tasks: what they proposed is answered if it
+    // commits soon, while new proposals are refused.
+    if outcome.is_ok() {
+        app.drain(DRAIN_TIMEOUT).await;
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

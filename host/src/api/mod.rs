@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::raft::ClientWriteResponse;
+use tokio::time::error::Elapsed;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -19,7 +21,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::proto::{ClientResponse, Code};
 use crate::store::StateMachine;
-use crate::types::{Member, NodeId, Raft, Request};
+use crate::types::{Member, NodeId, Raft, Request, TypeConfig};
 
 /// Shared state of a running member, handed to every server.
 pub struct App {
@@ -39,6 +41,27 @@ pub struct App {
     reads: mpsc::Sender<ReadWaiter>,
     /// Lets reads skip the read barrier while no other leader can exist.
     lease: Arc<Lease>,
+    /// Set when the member stops: new proposals are refused.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Connections served at once on each client-facing port (binary and text).
+    pub max_connections: usize,
+    /// Bytes of client requests (in KiB) this member holds at once, across connections:
+    /// a request counts from its first byte until its answer is written.
+    pub request_budget: Arc<Semaphore>,
+}
+
+/// Connections per client-facing port, unless set otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Client request bytes in flight across connections, unless set otherwise.
+pub const DEFAULT_REQUEST_BUDGET: usize = 256 << 20;
+
+/// What a binary-protocol request holds until its answer is written: its slot in the
+/// connection's in-flight limit and its bytes in the member's request budget.
+pub struct Held {
+    pub _slot: OwnedSemaphorePermit,
+    pub _bytes: OwnedSemaphorePermit,
+    /// The connection's answers not yet written, which its answer joins.
+    pub backlog: Arc<binary::Backlog>,
 }
 
 type ReadWaiter = oneshot::Sender<Result<(), Outcome>>;
@@ -52,12 +75,19 @@ pub enum Reply {
     Wait(oneshot::Sender<Outcome>),
     /// Straight into a binary connection's response queue as the response to request
     /// `id`: a batch's responses then reach the connection's writer together and leave
-    /// in one write, and no task per request waits in between. `permit` is the
-    /// request's slot in the connection's in-flight limit.
-    Frame { id: u64, to: mpsc::Sender<ClientResponse>, permit: OwnedSemaphorePermit },
+    /// in one write, and no task per request waits in between. The writer releases
+    /// `held` once the answer is written.
+    Frame { id: u64, to: mpsc::Sender<binary::Answer>, held: Held },
 }
 
 impl Reply {
+    /// The answer to a proposal: counted, so that a stopping member knows when it has
+    /// answered everything it took.
+    fn answer(self, outcome: Outcome, metrics: &Metrics) {
+        self.send(outcome, metrics);
+        metrics.proposals_answered.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn send(self, outcome: Outcome, metrics: &Metrics) {
         match &outcome {
             Outcome::Ok(_) | Outcome::GuestError(_) => {}
@@ -72,11 +102,13 @@ impl Reply {
             Reply::Wait(tx) => {
                 let _ = tx.send(outcome);
             }
-            Reply::Frame { id, to, permit } => {
-                // Cannot be full: it holds at most one response per permit. A closed
-                // queue means the client has gone.
-                let _ = to.try_send(outcome.into_response(id));
-                drop(permit);
+            Reply::Frame { id, to, held } => {
+                // Cannot be full: it holds at most one answer per in-flight slot, and a
+                // slot is freed only once its answer is written. A closed queue means the
+                // client has gone.
+                let resp = outcome.into_response(id);
+                held.backlog.add(&resp);
+                let _ = to.try_send((resp, Some(held)));
             }
         }
     }
@@ -135,7 +167,7 @@ impl App {
         lease: Arc<Lease>,
     ) -> Self {
         let (proposals, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
-        tokio::spawn(batcher(raft.clone(), rx, proposal_timeout, max_inflight_batches, metrics.clone()));
+        tokio::spawn(batcher(id, raft.clone(), rx, proposal_timeout, max_inflight_batches, metrics.clone()));
         let (reads, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
         tokio::spawn(read_barrier(raft.clone(), rx, proposal_timeout));
         App {
@@ -151,7 +183,18 @@ impl App {
             fsm_config,
             forwarder: tokio::sync::OnceCell::new(),
             lease,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_budget: Arc::new(Semaphore::new(budget_units(DEFAULT_REQUEST_BUDGET, max_frame))),
         }
+    }
+
+    /// Limits for what clients may hold on this member: connections per port, and request
+    /// bytes in flight across them (never below one largest frame, which must fit).
+    pub fn with_client_limits(mut self, max_connections: usize, request_budget: usize) -> Self {
+        self.max_connections = max_connections.max(1);
+        self.request_budget = Arc::new(Semaphore::new(budget_units(request_budget, self.max_frame)));
+        self
     }
 
     /// Whether a linearizable read may be answered from the local state machine at once:
@@ -191,8 +234,30 @@ impl App {
     /// Hand a command to the batcher; its outcome goes to `reply`.
     pub async fn submit(&self, command: Vec<u8>, reply: Reply) {
         self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+        if self.stopping.load(Ordering::Relaxed) {
+            reply.answer(Outcome::Rejected("member is stopping".into()), &self.metrics);
+            return;
+        }
         if let Err(mpsc::error::SendError((_, reply))) = self.proposals.send((command, reply)).await {
-            reply.send(Outcome::Rejected("member is stopping".into()), &self.metrics);
+            reply.answer(Outcome::Rejected("member is stopping".into()), &self.metrics);
+        }
+    }
+
+    /// Stop taking proposals (they are refused, definitely, so clients go elsewhere) and
+    /// wait up to `within` for those already taken to be answered: a graceful stop then
+    /// reports unknown outcomes only for what could not finish in time.
+    pub async fn drain(&self, within: Duration) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + within;
+        let pending = || {
+            let taken = self.metrics.proposals.load(Ordering::Relaxed);
+            taken.saturating_sub(self.metrics.proposals_answered.load(Ordering::Relaxed))
+        };
+        while pending() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if pending() > 0 {
+            tracing::warn!(unanswered = pending(), "stopping with proposals in flight; their outcome is unknown");
         }
     }
 
@@ -279,12 +344,30 @@ impl App {
     }
 }
 
+/// The request budget in its units (KiB), large enough for one largest frame.
+fn budget_units(bytes: usize, max_frame: usize) -> usize {
+    bytes.max(max_frame + 64 * 1024).div_ceil(1024).min(Semaphore::MAX_PERMITS)
+}
+
+/// Whether this member leads in a committed vote, so that a proposal handed to Raft now is
+/// appended by it (unless leadership is lost in between).
+fn leads(me: NodeId, raft: &Raft) -> Result<(), Option<NodeId>> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    if m.state == openraft::ServerState::Leader && m.vote.is_committed() && m.vote.leader_id().node_id == me {
+        Ok(())
+    } else {
+        Err(m.current_leader)
+    }
+}
+
 /// Group commit. openraft 0.9 appends (and fsyncs) each proposal on its own before it
 /// looks at the next one, so proposals are gathered here into one entry per batch. At
 /// most `max_inflight` batches are between "handed to Raft" and "applied"; while they
 /// are, new proposals accumulate into the next batch, so batches grow with load and an
 /// idle cluster still answers a lone proposal at once.
 async fn batcher(
+    me: NodeId,
     raft: Raft,
     mut rx: mpsc::Receiver<Proposal>,
     timeout: Duration,
@@ -311,30 +394,29 @@ async fn batcher(
             }
         }
         let (commands, waiters): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
+        // Checked here, before Raft sees the batch: once it has, a `ForwardToLeader` can
+        // also mean the entry was appended and then truncated by a newer leader, and a
+        // truncated entry can still be committed from a copy on another member, so it
+        // must not be reported as "not applied" (a client would send it again).
+        if let Err(leader) = leads(me, &raft) {
+            let to = leader.and_then(|id| leader_addr(&raft, id));
+            for w in waiters {
+                w.answer(Outcome::NotLeader(to.clone()), &metrics);
+            }
+            continue;
+        }
         let responder = match raft.client_write_ff(Request { commands }).await {
             Ok(rx) => rx,
             Err(e) => {
                 for w in waiters {
-                    w.send(Outcome::Rejected(format!("member is stopping: {e}")), &metrics);
+                    w.answer(Outcome::Rejected(format!("member is stopping: {e}")), &metrics);
                 }
                 continue;
             }
         };
-        let raft = raft.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let outcome: Result<Vec<Result<Vec<u8>, String>>, Outcome> =
-                match tokio::time::timeout(timeout, responder).await {
-                    Err(_) => Err(Outcome::Unknown(format!("not committed within {} ms", timeout.as_millis()))),
-                    Ok(Err(_)) => Err(Outcome::Unknown("the member stopped before the entry was applied".into())),
-                    Ok(Ok(Ok(resp))) => Ok(resp.data.results),
-                    // Either not the leader, or the entry was truncated by a new leader (so it
-                    // was never committed): definite in both cases.
-                    Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
-                        Err(Outcome::NotLeader(leader_client_addr(&raft, &f)))
-                    }
-                    Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => Err(Outcome::Rejected(e.to_string())),
-                };
+            let outcome = batch_outcome(tokio::time::timeout(timeout, responder).await, timeout);
             drop(permit);
             match outcome {
                 Ok(results) => {
@@ -345,12 +427,12 @@ async fn batcher(
                             Some(Err(e)) => Outcome::GuestError(e),
                             None => Outcome::Unknown("no result for the command".into()),
                         };
-                        w.send(o, &metrics);
+                        w.answer(o, &metrics);
                     }
                 }
                 Err(o) => {
                     for w in waiters {
-                        w.send(o.clone(), &metrics);
+                        w.answer(o.clone(), &metrics);
                     }
                 }
             }
@@ -358,9 +440,36 @@ async fn batcher(
     }
 }
 
+/// Raft's answer to a batch: its response or why not, unless the responder was dropped.
+type RaftAnswer<E> = Result<Result<ClientWriteResponse<TypeConfig>, ClientWriteError<NodeId, Member>>, E>;
+
+/// What the answer Raft gave a batch (or its absence within `timeout`) means for each
+/// command in it.
+fn batch_outcome<E>(
+    answer: Result<RaftAnswer<E>, Elapsed>,
+    timeout: Duration,
+) -> Result<Vec<Result<Vec<u8>, String>>, Outcome> {
+    match answer {
+        Err(_) => Err(Outcome::Unknown(format!("not committed within {} ms", timeout.as_millis()))),
+        Ok(Err(_)) => Err(Outcome::Unknown("the member stopped before the entry was applied".into())),
+        Ok(Ok(Ok(resp))) => Ok(resp.data.results),
+        // Leadership was lost after the batch reached Raft: either before it was appended
+        // or after (then a newer leader truncated it here, but it may survive on another
+        // member and be committed there): not knowable here, so never "not applied".
+        Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => Err(Outcome::Unknown(format!(
+            "leadership moved to {:?} while the command was being committed",
+            f.leader_id
+        ))),
+        Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => Err(Outcome::Rejected(e.to_string())),
+    }
+}
+
 /// The client address of the leader a `ForwardToLeader` points at, if known.
 fn leader_client_addr<N: openraft::Node>(raft: &Raft, f: &ForwardToLeader<NodeId, N>) -> Option<String> {
-    let id = f.leader_id?;
+    leader_addr(raft, f.leader_id?)
+}
+
+fn leader_addr(raft: &Raft, id: NodeId) -> Option<String> {
     raft.metrics().borrow().membership_config.membership().get_node(&id).map(|m| m.client_addr.clone())
 }
 
@@ -384,5 +493,24 @@ async fn read_barrier(raft: Raft, mut rx: mpsc::Receiver<ReadWaiter>, timeout: D
         for w in waiters {
             let _ = w.send(res.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `ForwardToLeader` after the batch reached Raft may follow an append that a newer
+    /// leader truncated here and that still commits from another member's copy: a client
+    /// told "not applied" would send it again and apply it twice.
+    #[test]
+    fn leadership_lost_after_proposing_is_an_unknown_outcome() {
+        let t = Duration::from_secs(1);
+        let lost: ClientWriteError<NodeId, Member> =
+            ClientWriteError::ForwardToLeader(ForwardToLeader { leader_id: Some(2), leader_node: None });
+        let outcome = batch_outcome::<()>(Ok(Ok(Err(lost))), t);
+        assert!(matches!(outcome, Err(Outcome::Unknown(_))), "{outcome:?}");
+        let gone = batch_outcome::<()>(Ok(Err(())), t);
+        assert!(matches!(gone, Err(Outcome::Unknown(_))), "{gone:?}");
     }
 }

@@ -15,7 +15,7 @@ use super::{App, Outcome};
 const MAX_LINE: usize = (1 << 20) + 1024;
 
 pub async fn serve(listener: TcpListener, app: Arc<App>) {
-    crate::net::accept_loop(listener, "text", move |stream| serve_conn(stream, app.clone())).await;
+    crate::net::accept_loop(listener, "text", app.max_connections, move |stream| serve_conn(stream, app.clone())).await;
 }
 
 /// Whether a line is one of the three commands; anything else never reaches the log.
@@ -52,10 +52,16 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
     let mut rd = BufReader::new(rd);
     let mut line = Vec::new();
     loop {
+        if line.capacity() > 64 * 1024 {
+            // One long line must not stay allocated for the connection's life.
+            line = Vec::new();
+        }
         line.clear();
-        let n = match (&mut rd).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
-            Ok(n) => n,
-            Err(_) => return,
+        // Idle between lines, or trickling one, for longer than this: hang up.
+        let mut limited = (&mut rd).take(MAX_LINE as u64 + 1);
+        let n = match tokio::time::timeout(super::binary::IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return,
         };
         if n == 0 {
             return;
