@@ -2,9 +2,16 @@
 //! rollback, fuel exhaustion, memory limits, error results and the filesystem sandbox.
 //! Not for deployment.
 //!
-//! Commands (text): `add-N`, `add-then-trap-N`, `spin`, `grow`, `fail`, and the sandbox
-//! probes `read-PATH`, `write-PATH-DATA` and `symlink-TARGET-LINK` (a write's PATH and a
-//! symlink's TARGET end at the first `-`). Query: `get`. State: one `i64`.
+//! Commands (text):
+//! - `add-N`, `add-then-trap-N` (adds, then panics), `fail` (an error result);
+//! - what must stop a member rather than give a result: `spin` (runs out of fuel), `grow`
+//!   (allocates until the memory limit aborts it), `try-grow` (the same, but returns an
+//!   error result when an allocation fails), `env-check` (`ok`, or reports an environment
+//!   failure where `/data/broken-disk` exists, so one member can be made to fail);
+//! - sandbox probes: `read-PATH`, `write-PATH-DATA` and `symlink-TARGET-LINK` (a write's
+//!   PATH and a symlink's TARGET end at the first `-`).
+//!
+//! Queries: `get`, and `spin` and `env-check` as above. State: one `i64`.
 //!
 //! The files the probes touch are not part of the replicated state: they are in neither
 //! the snapshot nor the digest, and a rebuilt instance does not redo them. That breaks the
@@ -41,6 +48,8 @@ impl Guest for Faulty {
     fn query(request: Vec<u8>) -> Result<Vec<u8>, String> {
         match request.as_slice() {
             b"get" => Ok(COUNTER.get().to_string().into_bytes()),
+            b"spin" => spin(),
+            b"env-check" => env_check(),
             _ => Err("unknown query".to_string()),
         }
     }
@@ -74,6 +83,8 @@ fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
     match text {
         "spin" => spin(),
         "grow" => grow(),
+        "try-grow" => try_grow(),
+        "env-check" => env_check(),
         "fail" => Err("requested failure".to_string()),
         _ => Err("unknown command".to_string()),
     }
@@ -97,6 +108,15 @@ fn symlink(target: &str, link: &str) -> Result<(), String> {
     dir.symlink_at(target, name).map_err(|e| format!("symlink {link:?} -> {target:?}: {e}"))
 }
 
+/// A member whose disk is marked broken says so instead of answering: the others go on.
+fn env_check() -> Result<Vec<u8>, String> {
+    if std::fs::metadata("/data/broken-disk").is_ok() {
+        wasm_raft::fsm::host::environment_failure("/data/broken-disk exists: this member's disk is marked broken");
+        unreachable!("the host never returns from environment-failure");
+    }
+    Ok(b"ok".to_vec())
+}
+
 /// Runs until the host's fuel budget stops it; `black_box` keeps the loop doing work the
 /// optimiser cannot remove.
 fn spin() -> ! {
@@ -107,11 +127,26 @@ fn spin() -> ! {
 }
 
 /// Reserves (without touching, so it burns little fuel) ever more memory until an
-/// allocation fails, which aborts: the trap the host's memory limit must produce.
+/// allocation fails, which aborts: a trap that only the host's record of the refused
+/// `memory.grow` tells apart from any other abort.
 fn grow() -> ! {
     let mut blocks: Vec<Vec<u8>> = Vec::new();
     loop {
         blocks.push(Vec::with_capacity(16 << 20));
+        std::hint::black_box(&mut blocks);
+    }
+}
+
+/// Like `grow`, but survives the failed allocation and returns an error result, which
+/// depends on this member's memory as much as the trap does.
+fn try_grow() -> Result<Vec<u8>, String> {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut block = Vec::new();
+        if let Err(e) = block.try_reserve_exact(16 << 20) {
+            return Err(format!("out of memory after {} blocks: {e}", blocks.len()));
+        }
+        blocks.push(block);
         std::hint::black_box(&mut blocks);
     }
 }
