@@ -96,6 +96,7 @@ impl Instance {
                 wasi,
                 table: wasmtime::component::ResourceTable::new(),
                 limiter: Limiter::new(module.limits.memory_bytes),
+                paths: Default::default(),
                 node,
             },
         );

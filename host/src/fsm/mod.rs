@@ -3,9 +3,11 @@
 //!
 //! Determinism is enforced here and nowhere else: NaN canonicalisation, fuel (never
 //! epochs or timers), a memory limit, no threads or relaxed SIMD nondeterminism, and a
-//! WASI context with a frozen clock, a fixed random stream and no network.
+//! WASI context with a frozen clock, a fixed random stream, no network, and file metadata,
+//! directory order and timers that are the same on every member (`wasi_det`).
 
 mod instance;
+mod wasi_det;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -90,6 +92,7 @@ impl GuestModule {
             .map_err(|e| LoadError::NotComponent { path: path.clone(), why: format!("{e:#}") })?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| wasi_det::shadow(&mut linker))
             .and_then(|()| bindings::Fsm::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s))
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let pre = linker
@@ -136,6 +139,7 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+    paths: wasi_det::DescriptorPaths,
     node: u64,
 }
 
