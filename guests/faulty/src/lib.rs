@@ -6,8 +6,9 @@
 //! - `add-N`, `add-then-trap-N` (adds, then panics), `fail` (an error result);
 //! - what must stop a member rather than give a result: `spin` (runs out of fuel), `grow`
 //!   (allocates until the memory limit aborts it), `try-grow` (the same, but returns an
-//!   error result when an allocation fails), `env-check` (`ok`, or reports an environment
-//!   failure where `/data/broken-disk` exists, so one member can be made to fail);
+//!   error result when an allocation fails), `recurse` (overflows the stack), `env-check`
+//!   (`ok`, or reports an environment failure where `/data/broken-disk` exists, so one
+//!   member can be made to fail);
 //! - sandbox probes: `read-PATH`, `write-PATH-DATA` and `symlink-TARGET-LINK` (a write's
 //!   PATH and a symlink's TARGET end at the first `-`);
 //! - determinism probes: `stat-PATH` and `fstat-PATH` (the three file times, through
@@ -109,6 +110,7 @@ fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
         "spin" => spin(),
         "grow" => grow(),
         "try-grow" => try_grow(),
+        "recurse" => Ok(recurse(u64::MAX).to_string().into_bytes()),
         "env-check" => env_check(),
         "list" => list(),
         "sleep" => sleep(),
@@ -227,6 +229,14 @@ fn try_grow() -> Result<Vec<u8>, String> {
         blocks.push(block);
         std::hint::black_box(&mut blocks);
     }
+}
+
+/// Recurses until the stack runs out; `black_box` keeps it from becoming a loop.
+fn recurse(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    1 + recurse(std::hint::black_box(n - 1))
 }
 
 /// The counter as it was when the snapshot was created; a read may take part of it.

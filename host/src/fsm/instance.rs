@@ -270,6 +270,14 @@ mod tests {
         assert!(why.contains("memory could not grow") && why.contains("returned a result"), "{why}");
     }
 
+    /// How deep the stack may go depends on the compiled code's frame sizes.
+    #[test]
+    fn stack_overflow_is_the_members_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let why = member_failure(apply(&dir, "recurse"));
+        assert!(why.contains("overflowed its stack"), "{why}");
+    }
+
     #[test]
     fn a_panic_is_a_trap_every_member_shares() {
         let dir = tempfile::tempdir().expect("tempdir");
