@@ -77,11 +77,13 @@ pub struct Opts {
     #[arg(long, env = "HOST_KEEP_LOGS", default_value_t = 1_000)]
     pub keep_logs: u64,
 
-    /// Fuel (roughly, WebAssembly instructions) one entry may use before it fails.
+    /// Fuel (roughly, WebAssembly instructions) one command may use. A command that runs
+    /// out stops this member (never a replicated error): set it wide.
     #[arg(long, env = "HOST_FUEL_PER_ENTRY", default_value_t = 100_000_000)]
     pub fuel_per_entry: u64,
 
-    /// Linear memory limit of the guest instance.
+    /// Linear memory limit of the guest instance. A refused allocation while applying a
+    /// command stops this member (never a replicated error): set it wide.
     #[arg(long, env = "HOST_GUEST_MEMORY_MB", default_value_t = 4096)]
     pub guest_memory_mb: usize,
 

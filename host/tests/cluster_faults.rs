@@ -1,5 +1,6 @@
-//! Clusters of real `host` processes where something is wrong: a guest that traps, runs
-//! out of fuel or memory (every member must answer the same and stay identical), nodes
+//! Clusters of real `host` processes where something is wrong: a guest that traps (every
+//! member must answer the same and stay identical), runs out of fuel or memory, or finds
+//! one member's environment failing (that member stops, never replicates a result), nodes
 //! that must not join (another guest, other settings, a wrong cluster token), and a
 //! leader that is paused while the others move on.
 //!
@@ -7,6 +8,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::ExitStatus;
 
 use common::*;
@@ -28,13 +30,40 @@ fn wait_exit(node: &mut Node) -> ExitStatus {
         .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", node.id, node.log_tail()))
 }
 
+/// What a node logged since it was last (re)started by the test.
+fn log_since_start(node: &Node) -> String {
+    let log = std::fs::read_to_string(&node.log_path).unwrap_or_else(|e| panic!("{}: {e}", node.log_path.display()));
+    log.rsplit("======== restarted by the test ========").next().unwrap_or_default().to_string()
+}
+
+/// Waits for a node to stop on its own, checks that it failed saying `why`, and forgets
+/// its process so that the cluster no longer counts it as running.
+fn assert_stops(node: &mut Node, why: &str) {
+    let status = wait_exit(node);
+    assert!(
+        !status.success(),
+        "node {} exited cleanly
+{}",
+        node.id,
+        node.log_tail()
+    );
+    let log = log_since_start(node);
+    let stop = log.lines().find(|l| l.contains("raft stopped; this member exits"));
+    assert!(
+        stop.is_some_and(|l| l.contains(why)),
+        "node {} did not stop saying {why:?}
+{}",
+        node.id,
+        node.log_tail()
+    );
+    node.kill9();
+}
+
 #[test]
 fn t10_guest_faults_give_the_same_errors_on_every_member() {
     let mut c = Cluster::start(3, "faulty", &FAULTY_LIMITS);
     assert_eq!(propose(&c, "add-5"), Ok("5".to_string()));
-    for (cmd, why) in
-        [("add-then-trap-3", "trapped"), ("spin", "fuel"), ("grow", "trapped"), ("fail", "requested failure")]
-    {
+    for (cmd, why) in [("add-then-trap-3", "trapped"), ("fail", "requested failure")] {
         let err = propose(&c, cmd).expect_err(cmd);
         assert!(err.contains(why), "{cmd}: {err}");
     }
@@ -54,6 +83,53 @@ fn t10_guest_faults_give_the_same_errors_on_every_member() {
     c.wait_converged();
     let out = kv(&c.nodes[1].client_addr, &["query", "--stale", "get"]);
     assert_eq!(stdout_of(&out), "16", "{}", stderr_of(&out));
+}
+
+/// Fuel use and memory growth depend on each instance's history, so running out of
+/// either is never a replicated error: the member stops, saying why, and restarted on the
+/// same data it meets the command again and stops again, never skipping it.
+#[test]
+fn t12_fuel_or_memory_exhaustion_stops_the_member() {
+    for (cmd, why) in [("spin", "ran out of fuel"), ("grow", "memory could not grow")] {
+        let mut c = Cluster::start(1, "faulty", &FAULTY_LIMITS);
+        assert_eq!(propose(&c, "add-5"), Ok("5".to_string()));
+        let err = propose(&c, cmd).expect_err(cmd);
+        assert!(!err.contains("trapped"), "{cmd} came back as a result: {err}");
+        let node = &mut c.nodes[0];
+        assert_stops(node, why);
+        node.restart();
+        assert_stops(node, why);
+    }
+}
+
+/// One member whose environment fails (here: a marker file in its guest directory that
+/// the guest takes for a broken disk) stops; the others answer the client and go on, and
+/// the member, repaired and restarted, catches up to the same state.
+#[test]
+fn t15_one_members_environment_failure_stops_only_that_member() {
+    let mut c = Cluster::start(3, "faulty", &FAULTY_LIMITS);
+    assert_eq!(propose(&c, "add-5"), Ok("5".to_string()));
+    // A follower, so that the client's answer comes from a member that applied it.
+    let leader = c.leader();
+    let broken = if leader == 1 { 2 } else { 1 };
+    let marker = c.nodes[broken].data_dir.join("guest").join("broken-disk");
+    touch(&marker);
+
+    assert_eq!(propose(&c, "env-check"), Ok("ok".to_string()), "a majority applied it");
+    assert_stops(&mut c.nodes[broken], "broken-disk");
+    assert_eq!(propose(&c, "add-1"), Ok("6".to_string()));
+
+    std::fs::remove_file(&marker).expect("repair the disk");
+    c.nodes[broken].restart();
+    c.wait_voters(3);
+    assert_eq!(propose(&c, "add-10"), Ok("16".to_string()));
+    c.wait_converged();
+    let out = kv(&c.nodes[broken].client_addr, &["query", "--stale", "get"]);
+    assert_eq!(stdout_of(&out), "16", "{}", stderr_of(&out));
+}
+
+fn touch(path: &Path) {
+    std::fs::write(path, b"").unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
 }
 
 #[test]

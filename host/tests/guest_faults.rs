@@ -1,7 +1,8 @@
-//! Guest faults, in process: traps, fuel exhaustion, memory exhaustion and error results
-//! must give the same results and state whatever the batching, leave the state as it was
-//! before the faulty entry, and survive snapshots and restarts. Uses the `faulty` test
-//! guest (run `scripts/build.sh` first).
+//! Guest faults, in process: traps and error results must give the same results and state
+//! whatever the batching, leave the state as it was before the faulty entry, and survive
+//! snapshots and restarts; fuel or memory exhaustion and a reported environment failure
+//! stop the member instead (a storage error), also during a rebuild, and again after a
+//! restart. Uses the `faulty` test guest (run `scripts/build.sh` first).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +56,11 @@ impl Replica {
     /// Commit and apply entries as one batch; they are put in the log first, as openraft
     /// does, so that a rebuild can replay them.
     async fn apply(&mut self, entries: &[Entry]) -> Vec<Result<String, String>> {
+        self.try_apply(entries).await.unwrap_or_else(|e| panic!("apply stopped the member: {e}"))
+    }
+
+    /// `Err` is the storage error that stops Raft on this member.
+    async fn try_apply(&mut self, entries: &[Entry]) -> Result<Vec<Result<String, String>>, String> {
         {
             let shared = self.log.shared();
             let mut mem = shared.lock().expect("log lock");
@@ -62,14 +68,12 @@ impl Replica {
                 mem.entries.insert(e.log_id.index, e.clone());
             }
         }
-        self.sm
-            .apply(entries.to_vec())
-            .await
-            .expect("apply never fails the node")
+        let responses = self.sm.apply(entries.to_vec()).await.map_err(|e| e.to_string())?;
+        Ok(responses
             .into_iter()
             .flat_map(|r| r.results)
             .map(|r| r.map(|v| String::from_utf8_lossy(&v).into_owned()))
-            .collect()
+            .collect())
     }
 
     async fn counter(&self) -> String {
@@ -94,8 +98,7 @@ fn entries(commands: &[&str]) -> Vec<Entry> {
         .collect()
 }
 
-const HISTORY: [&str; 9] =
-    ["add-5", "add-then-trap-3", "spin", "add-1", "grow", "fail", "add-then-trap-100", "add-2", "bogus"];
+const HISTORY: [&str; 7] = ["add-5", "add-then-trap-3", "add-1", "fail", "add-then-trap-100", "add-2", "bogus"];
 
 fn module() -> Arc<GuestModule> {
     Arc::new(GuestModule::load(&guest("faulty"), limits()).expect("load faulty"))
@@ -110,17 +113,56 @@ async fn t10_faults_give_error_results_and_no_effect() {
         results.extend(r.apply(&[e]).await);
     }
     assert_eq!(results[0], Ok("5".to_string()));
-    for (i, why) in [(1, "trapped"), (2, "fuel"), (4, "trapped"), (6, "trapped")] {
+    for i in [1, 4] {
         let err = results[i].clone().expect_err("fault must be an error result");
-        assert!(err.contains(why), "entry {}: {err}", i + 1);
+        assert!(err.contains("trapped"), "entry {}: {err}", i + 1);
         assert!(err.contains("no effect"), "{err}");
     }
-    assert_eq!(results[3], Ok("6".to_string()), "the trapped add-3 left no trace");
-    assert_eq!(results[5], Err("requested failure".to_string()));
-    assert_eq!(results[7], Ok("8".to_string()));
-    assert!(results[8].is_err());
+    assert_eq!(results[2], Ok("6".to_string()), "the trapped add-3 left no trace");
+    assert_eq!(results[3], Err("requested failure".to_string()));
+    assert_eq!(results[5], Ok("8".to_string()));
+    assert!(results[6].is_err());
     assert_eq!(r.counter().await, "8");
-    assert_eq!(r.digest().await, (9, 8i64.to_le_bytes().to_vec()));
+    assert_eq!(r.digest().await, (7, 8i64.to_le_bytes().to_vec()));
+}
+
+/// Running out of fuel or memory depends on this instance's history, not only on the
+/// state and the command: the member stops (a storage error) instead of replicating an
+/// error, and a restarted member meets the command again rather than skipping it.
+#[tokio::test]
+async fn t15_fuel_and_memory_exhaustion_stop_the_member() {
+    let module = module();
+    for (command, why) in [("spin", "ran out of fuel"), ("grow", "memory could not grow"), ("try-grow", "memory")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, sm) = open(&module, dir.path(), Vec::new()).expect("open");
+        let mut r = Replica { _dir: tempfile::tempdir().expect("tempdir"), log, sm };
+        let all = entries(&["add-1", command, "add-2"]);
+        assert_eq!(r.apply(&all[..1]).await, vec![Ok("1".to_string())]);
+        let err = r.try_apply(&all[1..]).await.expect_err("the member must stop");
+        assert!(err.contains(why), "{command}: {err}");
+        let err = r.sm.query(b"get".to_vec()).await.expect_err("a stopped member answers nothing");
+        assert!(err.contains("stopped"), "{err}");
+
+        // The same log after a restart: the same stop, never a skipped command.
+        drop(r);
+        let (log, sm) = open(&module, dir.path(), Vec::new()).expect("reopen");
+        let mut r = Replica { _dir: tempfile::tempdir().expect("tempdir"), log, sm };
+        let err = r.try_apply(&all).await.expect_err("the member must stop again");
+        assert!(err.contains(why), "{command} after a restart: {err}");
+    }
+}
+
+/// A rebuild after a trap replays the log; a member failure met there stops the member
+/// too, and is not taken for a trap of the command it met it on.
+#[tokio::test]
+async fn t17_environment_failure_during_a_rebuild_stops_the_member() {
+    let module = module();
+    let mut r = Replica::new(&module);
+    let all = entries(&["add-1", "env-check", "add-then-trap-5", "add-2"]);
+    assert_eq!(r.apply(&all[..2]).await, vec![Ok("1".to_string()), Ok("ok".to_string())]);
+    std::fs::write(r._dir.path().join("guest").join("broken-disk"), b"").expect("marker");
+    let err = r.try_apply(&all[2..]).await.expect_err("the rebuild meets the failure");
+    assert!(err.contains("broken-disk") && err.contains("entry 2"), "{err}");
 }
 
 #[tokio::test]
@@ -172,7 +214,7 @@ async fn t30_trap_after_snapshot_rebuilds_from_snapshot_and_log() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, mut sm) = open(&module, dir.path(), Vec::new()).expect("open");
     let mut r = Replica { _dir: tempfile::tempdir().expect("tempdir"), log, sm: sm.clone() };
-    let all = entries(&["add-10", "add-1", "add-then-trap-7", "add-100", "spin", "add-1000"]);
+    let all = entries(&["add-10", "add-1", "add-then-trap-7", "add-100", "fail", "add-1000"]);
     r.apply(&all[..2]).await;
     let snap = sm.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));

@@ -1,8 +1,9 @@
 //! The file under the store, behind a trait so that the logic runs natively over memory
 //! in tests and over a WASI descriptor in the component.
 
-/// A fixed-size file addressed by offset. Errors are messages: they end up in a
-/// command's `err` result.
+/// A fixed-size file addressed by offset. Errors are messages: in `apply` they are this
+/// member's failure (`store::EnvironmentFailure`), never a command's result; in a snapshot
+/// or a restore they fail it.
 pub trait Disk {
     /// Exactly `len` bytes from `offset`; a file shorter than that is an error.
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String>;

@@ -7,13 +7,13 @@ use wasip2::filesystem::types::Descriptor;
 use crate::disk::Disk;
 use crate::settings::Settings;
 use crate::snapshot::{Restorer, SnapshotReader};
-use crate::store::{Digest, Store};
+use crate::store::{Digest, EnvironmentFailure, Store};
 use crate::wasi_disk::{data_dir, WasiDisk, DIR, FILE, RESTORE_FILE};
 
 wit_bindgen::generate!({ world: "fsm", path: "../../wit" });
 
 use exports::wasm_raft::fsm::state_machine::{Entry, Guest, GuestRestore, GuestSnapshot};
-use wasm_raft::fsm::host::{log, Level};
+use wasm_raft::fsm::host::{environment_failure, log, Level};
 
 struct State {
     /// The `/data` preopen, kept for staging and swapping in a restored file.
@@ -68,7 +68,15 @@ impl Guest for DiskStorage {
     }
 
     fn apply(entries: Vec<Entry>) -> Vec<Result<Vec<u8>, String>> {
-        entries.iter().map(|e| with_state_mut(|state| state.store.apply(&e.command))).collect()
+        entries
+            .iter()
+            .map(|e| {
+                with_state_mut(|state| match state.store.apply(&e.command) {
+                    Ok(result) => result,
+                    Err(EnvironmentFailure(why)) => stop_member(&why),
+                })
+            })
+            .collect()
     }
 
     fn query(request: Vec<u8>) -> Result<Vec<u8>, String> {
@@ -155,6 +163,13 @@ impl Drop for Restore {
     fn drop(&mut self) {
         let _ = with_state(|state| state.dir.unlink_file_at(RESTORE_FILE).map_err(|e| e.name().to_string()));
     }
+}
+
+/// This member's file failed: the host stops the member rather than replicate a result
+/// that the other members, whose files work, would not have.
+fn stop_member(why: &str) -> ! {
+    environment_failure(&format!("diskstorage: {why}"));
+    unreachable!("the host never returns from environment-failure");
 }
 
 fn finished() -> String {

@@ -291,7 +291,7 @@ mod tests {
     fn store_with(settings: Settings, commands: &[String]) -> Store<MemDisk> {
         let mut store = Store::create(settings, MemDisk::default()).expect("create");
         for c in commands {
-            store.apply(c.as_bytes()).expect(c);
+            store.run(c.as_bytes()).expect(c);
         }
         store
     }
@@ -473,7 +473,7 @@ mod tests {
     fn sparse_store_gives_a_small_stream() {
         let mut store = Store::create(settings(64 << 20, 1024), CountingDisk::default()).expect("create");
         for i in 0..10u64 {
-            store.apply(format!("set-{}-{}", i * 6553 + 17, "v".repeat(1000)).as_bytes()).expect("set");
+            store.run(format!("set-{}-{}", i * 6553 + 17, "v".repeat(1000)).as_bytes()).expect("set");
         }
         let mut reader = SnapshotReader::new(&store);
         let read_before = store.disk().read.get();
@@ -579,11 +579,11 @@ mod tests {
         let mut store = sample();
         let mut reader = SnapshotReader::new(&store);
         assert!(reader.read(&store, 10).is_ok());
-        store.apply(b"set-7-new").expect("set");
+        store.run(b"set-7-new").expect("set");
         assert!(reader.read(&store, 10).expect_err("changed").contains("changed"));
         // A failed command changes nothing, so it does not spoil a snapshot.
         let mut reader = SnapshotReader::new(&store);
-        assert!(store.apply(b"set-7-").is_err());
+        assert!(store.run(b"set-7-").is_err());
         assert!(reader.read(&store, 10).is_ok());
     }
 

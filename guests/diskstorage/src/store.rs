@@ -75,6 +75,32 @@ pub struct Store<D: Disk> {
     generation: u64,
 }
 
+/// This member's file failed (an I/O error reading, writing or syncing it during `apply`):
+/// not the command's fault, so never its result. Another member's file did not fail, and
+/// the command's result there is the real one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvironmentFailure(pub String);
+
+/// Why `apply` produced no value.
+enum Failure {
+    /// The command is wrong (malformed, key out of range, value too large, key not
+    /// found): its `err` result, the same on every member.
+    Command(String),
+    Environment(EnvironmentFailure),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Command(e)
+    }
+}
+
+impl From<EnvironmentFailure> for Failure {
+    fn from(e: EnvironmentFailure) -> Self {
+        Failure::Environment(e)
+    }
+}
+
 /// A key's slot: its number and where it starts in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
@@ -129,7 +155,18 @@ impl<D: Disk> Store<D> {
         Ok(())
     }
 
-    pub fn apply(&mut self, command: &[u8]) -> Result<Vec<u8>, String> {
+    /// The command's result, or `Err` if this member's file failed. After an
+    /// environment failure the store is not to be used again: the slot may be half written
+    /// and the digest no longer follows the file.
+    pub fn apply(&mut self, command: &[u8]) -> Result<Result<Vec<u8>, String>, EnvironmentFailure> {
+        match self.try_apply(command) {
+            Ok(value) => Ok(Ok(value)),
+            Err(Failure::Command(e)) => Ok(Err(e)),
+            Err(Failure::Environment(e)) => Err(e),
+        }
+    }
+
+    fn try_apply(&mut self, command: &[u8]) -> Result<Vec<u8>, Failure> {
         match command::parse(command)? {
             Command::Get { key } => self.get(&key),
             Command::Set { key, value } => {
@@ -148,16 +185,19 @@ impl<D: Disk> Store<D> {
         }
     }
 
+    /// A read that fails here is only this client's error: nothing is replicated.
     pub fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
-        self.get(&command::query_key(request)?)
+        self.get(&command::query_key(request)?).map_err(|e| match e {
+            Failure::Command(e) | Failure::Environment(EnvironmentFailure(e)) => e,
+        })
     }
 
-    fn get(&self, key: &str) -> Result<Vec<u8>, String> {
+    fn get(&self, key: &str) -> Result<Vec<u8>, Failure> {
         let slot = self.slot(key)?;
         let bytes = self.read_slot(slot)?;
         let value = trim_zeros(&bytes);
         if value.is_empty() {
-            return Err(format!("key not found: {key}"));
+            return Err(Failure::Command(format!("key not found: {key}")));
         }
         Ok(value.to_vec())
     }
@@ -197,32 +237,26 @@ impl<D: Disk> Store<D> {
         Ok(())
     }
 
-    fn read_slot(&self, slot: Slot) -> Result<Vec<u8>, String> {
+    /// The file holds every slot (`create` sized it), so any error is the file's.
+    fn read_slot(&self, slot: Slot) -> Result<Vec<u8>, EnvironmentFailure> {
         self.disk
             .read_at(slot.offset, self.settings.value_size as usize)
-            .map_err(|e| format!("cannot read key {}: {e}", slot.key))
+            .map_err(|e| EnvironmentFailure(format!("cannot read key {}: {e}", slot.key)))
     }
 
     /// Overwrites the whole slot, so that no byte of a longer old value survives.
-    fn write_slot(&mut self, slot: Slot, bytes: &[u8]) -> Result<(), String> {
+    fn write_slot(&mut self, slot: Slot, bytes: &[u8]) -> Result<(), EnvironmentFailure> {
         let old = self.read_slot(slot)?;
         self.generation += 1;
-        // Before the write: even a failed one may have put bytes there.
         self.dirty.mark(slot.offset, bytes.len() as u64);
-        let written = self.disk.write_at(slot.offset, bytes);
-        // A failed write may still have changed part of the slot: the digest follows what
-        // the file now holds if that can be read, so it keeps matching a recount.
-        match &written {
-            Ok(()) => account(&mut self.digest, slot.key, trim_zeros(&old), trim_zeros(bytes)),
-            Err(_) => {
-                if let Ok(now) = self.read_slot(slot) {
-                    account(&mut self.digest, slot.key, trim_zeros(&old), trim_zeros(&now));
-                }
-            }
-        }
-        written.map_err(|e| format!("cannot write key {}: {e}", slot.key))?;
+        self.disk
+            .write_at(slot.offset, bytes)
+            .map_err(|e| EnvironmentFailure(format!("cannot write key {}: {e}", slot.key)))?;
+        account(&mut self.digest, slot.key, trim_zeros(&old), trim_zeros(bytes));
         if self.settings.sync == SyncMode::EachWrite {
-            self.disk.sync().map_err(|e| format!("cannot sync after writing key {}: {e}", slot.key))?;
+            self.disk
+                .sync()
+                .map_err(|e| EnvironmentFailure(format!("cannot sync after writing key {}: {e}", slot.key)))?;
         }
         Ok(())
     }
@@ -259,9 +293,17 @@ mod tests {
         proto::Command { op: op as i32, key: key.into(), value: value.to_vec() }.encode_to_vec()
     }
 
+    impl<D: Disk> Store<D> {
+        /// `apply` where the disk is not expected to fail.
+        pub fn run(&mut self, command: &[u8]) -> Result<Vec<u8>, String> {
+            self.apply(command)
+                .unwrap_or_else(|e| panic!("{:?}: the disk failed: {e:?}", String::from_utf8_lossy(command)))
+        }
+    }
+
     fn apply_all(store: &mut Store<MemDisk>, commands: &[&[u8]]) {
         for c in commands {
-            store.apply(c).unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(c)));
+            store.run(c).unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(c)));
         }
     }
 
@@ -277,18 +319,18 @@ mod tests {
     #[test]
     fn set_get_delete() {
         let mut s = store();
-        assert_eq!(s.apply(b"get-3"), Err("key not found: 3".to_string()));
-        assert_eq!(s.apply(b"set-3-abc"), Ok(vec![]));
-        assert_eq!(s.apply(b"get-3"), Ok(b"abc".to_vec()));
+        assert_eq!(s.run(b"get-3"), Err("key not found: 3".to_string()));
+        assert_eq!(s.run(b"set-3-abc"), Ok(vec![]));
+        assert_eq!(s.run(b"get-3"), Ok(b"abc".to_vec()));
         assert_eq!(&s.disk().bytes()[24..32], b"abc\0\0\0\0\0");
         // A shorter value leaves nothing of the longer one behind.
-        assert_eq!(s.apply(b"set-3-12345678"), Ok(vec![]));
-        assert_eq!(s.apply(b"set-3-x-y"), Ok(vec![]));
-        assert_eq!(s.apply(b"get-3"), Ok(b"x-y".to_vec()));
+        assert_eq!(s.run(b"set-3-12345678"), Ok(vec![]));
+        assert_eq!(s.run(b"set-3-x-y"), Ok(vec![]));
+        assert_eq!(s.run(b"get-3"), Ok(b"x-y".to_vec()));
         assert_eq!(&s.disk().bytes()[24..32], b"x-y\0\0\0\0\0");
-        assert_eq!(s.apply(b"delete-3"), Ok(vec![]));
-        assert_eq!(s.apply(b"get-3"), Err("key not found: 3".to_string()));
-        assert_eq!(s.apply(b"delete-3"), Ok(vec![]));
+        assert_eq!(s.run(b"delete-3"), Ok(vec![]));
+        assert_eq!(s.run(b"get-3"), Err("key not found: 3".to_string()));
+        assert_eq!(s.run(b"delete-3"), Ok(vec![]));
         assert_eq!(s.disk().bytes(), &[0; 84][..]);
     }
 
@@ -301,20 +343,20 @@ mod tests {
         assert_eq!(&bytes[72..80], b"12345678");
         assert_eq!(&bytes[40..42], b"\0b");
         assert_eq!(bytes.iter().filter(|&&b| b != 0).count(), 1 + 8 + 1);
-        assert_eq!(s.apply(b"get-5"), Ok(b"\0b".to_vec()));
+        assert_eq!(s.run(b"get-5"), Ok(b"\0b".to_vec()));
         // Leading zeros name the same slot.
-        assert_eq!(s.apply(b"get-009"), Ok(b"12345678".to_vec()));
+        assert_eq!(s.run(b"get-009"), Ok(b"12345678".to_vec()));
     }
 
     #[test]
     fn protobuf_commands() {
         let mut s = store();
-        assert_eq!(s.apply(&encode(proto::Op::Set, "2", b"\xff\x00\x01")), Ok(vec![]));
-        assert_eq!(s.apply(b"get-2"), Ok(b"\xff\x00\x01".to_vec()));
+        assert_eq!(s.run(&encode(proto::Op::Set, "2", b"\xff\x00\x01")), Ok(vec![]));
+        assert_eq!(s.run(b"get-2"), Ok(b"\xff\x00\x01".to_vec()));
         assert_eq!(s.query(&encode(proto::Op::Get, "2", b"")), Ok(b"\xff\x00\x01".to_vec()));
-        assert_eq!(s.apply(&encode(proto::Op::Delete, "2", b"")), Ok(vec![]));
-        assert!(s.apply(&encode(proto::Op::Get, "2", b"")).is_err());
-        assert!(s.apply(&encode(proto::Op::Set, "k", b"v")).expect_err("key").contains("unsigned decimal"));
+        assert_eq!(s.run(&encode(proto::Op::Delete, "2", b"")), Ok(vec![]));
+        assert!(s.run(&encode(proto::Op::Get, "2", b"")).is_err());
+        assert!(s.run(&encode(proto::Op::Set, "k", b"v")).expect_err("key").contains("unsigned decimal"));
     }
 
     #[test]
@@ -322,7 +364,7 @@ mod tests {
         let mut s = store();
         for command in [&b"get-a"[..], b"set-x-1", b"delete-1a", b"get--1", b"get-+1", b"get-1 ", b"get- 1", b"get-1.0"]
         {
-            let err = s.apply(command).expect_err("bad key");
+            let err = s.run(command).expect_err("bad key");
             assert!(err.contains("unsigned decimal integer"), "{command:?}: {err}");
         }
     }
@@ -330,18 +372,18 @@ mod tests {
     #[test]
     fn keys_out_of_range() {
         let mut s = store();
-        assert_eq!(s.apply(b"set-9-a"), Ok(vec![]));
+        assert_eq!(s.run(b"set-9-a"), Ok(vec![]));
         for key in ["10", "11", "18446744073709551615", "18446744073709551616", "99999999999999999999999"] {
             for command in [format!("get-{key}"), format!("set-{key}-a"), format!("delete-{key}")] {
-                let err = s.apply(command.as_bytes()).expect_err("range");
+                let err = s.run(command.as_bytes()).expect_err("range");
                 assert_eq!(err, format!("key {key} out of range (file holds 10 values)"), "{command}");
             }
         }
         // K * value-size overflows u64 for this key: it must be refused, not wrap to slot 0.
         let mut wide = store_of(1 << 20, 1 << 19);
-        let err = wide.apply(b"set-36028797018963968-a").expect_err("overflow");
+        let err = wide.run(b"set-36028797018963968-a").expect_err("overflow");
         assert!(err.contains("out of range (file holds 2 values)"), "{err}");
-        assert_eq!(wide.apply(b"set-1-a"), Ok(vec![]));
+        assert_eq!(wide.run(b"set-1-a"), Ok(vec![]));
         assert_eq!(wide.disk().bytes()[1 << 19], b'a');
         assert_eq!(wide.disk().bytes()[0], 0);
     }
@@ -349,16 +391,16 @@ mod tests {
     #[test]
     fn bad_values() {
         let mut s = store();
-        assert_eq!(s.apply(b"set-1-12345678"), Ok(vec![]));
-        let err = s.apply(b"set-1-123456789").expect_err("long");
+        assert_eq!(s.run(b"set-1-12345678"), Ok(vec![]));
+        let err = s.run(b"set-1-123456789").expect_err("long");
         assert!(err.contains("value too large for key 1: 9 bytes, value-size is 8"), "{err}");
-        let err = s.apply(b"set-1-").expect_err("empty");
+        let err = s.run(b"set-1-").expect_err("empty");
         assert!(err.contains("empty value"), "{err}");
         for value in [&b"\0"[..], b"a\0", b"\0\0\0"] {
-            let err = s.apply(&encode(proto::Op::Set, "1", value)).expect_err("nul");
+            let err = s.run(&encode(proto::Op::Set, "1", value)).expect_err("nul");
             assert!(err.contains("ends in a NUL byte"), "{value:?}: {err}");
         }
-        assert_eq!(s.apply(b"get-1"), Ok(b"12345678".to_vec()));
+        assert_eq!(s.run(b"get-1"), Ok(b"12345678".to_vec()));
     }
 
     #[test]
@@ -367,7 +409,7 @@ mod tests {
         apply_all(&mut s, &[b"set-1-a"]);
         let (bytes, digest, generation) = (s.disk().clone(), s.digest(), s.generation());
         for bad in [&b"put-1-2"[..], b"hello", b"get-", b"\x12\x05a", b"set-1-", b"set-99-a", b"delete-x", b"set-a-1"] {
-            assert!(s.apply(bad).is_err(), "{bad:?}");
+            assert!(s.run(bad).is_err(), "{bad:?}");
         }
         assert_eq!(s.disk(), &bytes);
         assert_eq!(s.digest(), digest);
@@ -399,7 +441,7 @@ mod tests {
         let mut s = Store::create(Settings { sync: SyncMode::EachWrite, ..settings(84, 8) }, MemDisk::default())
             .expect("create");
         apply_all(&mut s, &[b"set-1-a", b"get-1", b"delete-1", b"delete-2"]);
-        assert!(s.apply(b"set-1-").is_err());
+        assert!(s.run(b"set-1-").is_err());
         assert_eq!(s.disk().syncs, 3);
         let mut unsynced = store();
         apply_all(&mut unsynced, &[b"set-1-a", b"delete-1"]);
@@ -445,10 +487,10 @@ mod tests {
         for i in 0..500u64 {
             let key = (i * 7919) % 10_000;
             if i % 5 == 0 {
-                s.apply(format!("delete-{}", (i * 13) % 10_000).as_bytes()).expect("delete");
+                s.run(format!("delete-{}", (i * 13) % 10_000).as_bytes()).expect("delete");
             }
             let value = "v".repeat((i % 100 + 1) as usize);
-            s.apply(format!("set-{key}-{value}").as_bytes()).expect("set");
+            s.run(format!("set-{key}-{value}").as_bytes()).expect("set");
         }
         let recounted = full_recount(s.disk(), s.settings());
         assert_eq!(s.digest(), recounted);
@@ -483,10 +525,14 @@ mod tests {
         inner: MemDisk,
         write_limit: Option<usize>,
         fail_sync: bool,
+        fail_read: bool,
     }
 
     impl Disk for FailingDisk {
         fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+            if self.fail_read {
+                return Err("read failed".to_string());
+            }
             self.inner.read_at(offset, len)
         }
 
@@ -513,26 +559,34 @@ mod tests {
     }
 
     #[test]
-    fn io_errors_are_results_and_the_digest_follows_the_file() {
-        let mut s = Store::create(Settings { sync: SyncMode::EachWrite, ..settings(84, 8) }, FailingDisk::default())
-            .expect("create");
-        s.apply(b"set-1-abcdef").expect("set");
-        s.disk.write_limit = Some(2);
-        let err = s.apply(b"set-1-XYZ").expect_err("failing write");
-        assert!(err.contains("cannot write key 1: disk full"), "{err}");
-        assert_eq!(s.query(b"get-1"), Ok(b"XYcdef".to_vec()));
-        assert_eq!(s.digest(), full_recount(s.disk(), s.settings()));
+    fn io_errors_stop_the_member_and_are_never_results() {
+        let failing = |break_it: fn(&mut FailingDisk)| {
+            let mut s =
+                Store::create(Settings { sync: SyncMode::EachWrite, ..settings(84, 8) }, FailingDisk::default())
+                    .expect("create");
+            s.run(b"set-1-abcdef").expect("set");
+            break_it(&mut s.disk);
+            s
+        };
+        let mut s = failing(|d| d.write_limit = Some(2));
+        let err = s.apply(b"set-1-XYZ").expect_err("a failing write is this member's failure");
+        assert!(err.0.contains("cannot write key 1: disk full"), "{err:?}");
 
-        s.disk.write_limit = Some(0);
-        assert!(s.apply(b"delete-1").is_err());
-        assert_eq!(s.digest(), full_recount(s.disk(), s.settings()));
+        let mut s = failing(|d| d.fail_sync = true);
+        let err = s.apply(b"set-2-q").expect_err("a failing sync is this member's failure");
+        assert!(err.0.contains("cannot sync after writing key 2: sync failed"), "{err:?}");
 
-        s.disk.write_limit = None;
-        s.disk.fail_sync = true;
-        let err = s.apply(b"set-2-q").expect_err("failing sync");
-        assert!(err.contains("cannot sync"), "{err}");
-        assert_eq!(s.query(b"get-2"), Ok(b"q".to_vec()));
-        assert_eq!(s.digest(), full_recount(s.disk(), s.settings()));
-        assert_eq!(s.digest().count(), 2);
+        let mut s = failing(|d| d.fail_read = true);
+        for command in [&b"get-1"[..], b"set-1-a", b"delete-1"] {
+            let err = s.apply(command).expect_err("a failing read is this member's failure");
+            assert!(err.0.contains("cannot read key 1: read failed"), "{err:?}");
+        }
+        // A query is answered to one client only: a failed read is just its error.
+        assert_eq!(s.query(b"get-1"), Err("cannot read key 1: read failed".to_string()));
+        // Commands that are wrong in themselves stay results, whatever the disk does.
+        let err = s.apply(b"set-99-a").expect("a bad key is a result").expect_err("out of range");
+        assert!(err.contains("out of range"), "{err}");
+        let err = s.apply(b"set-1-").expect("an empty value is a result").expect_err("empty");
+        assert!(err.contains("empty value"), "{err}");
     }
 }

@@ -5,11 +5,11 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use wasmtime::{Store, StoreLimitsBuilder};
+use wasmtime::Store;
 
 use super::bindings::exports::wasm_raft::fsm::state_machine as sm;
 use super::bindings::Fsm;
-use super::{wasi_ctx, GuestModule, HostState};
+use super::{wasi_ctx, EnvironmentFailure, GuestModule, HostState, Limiter};
 
 /// Fuel for calls that are not per-entry (init with a large preload, snapshot, restore,
 /// digest): bounded so a broken guest cannot hang the member forever, but generous.
@@ -20,9 +20,16 @@ const BULK_FUEL: u64 = u64::MAX / 4;
 pub enum ApplyOutcome {
     /// The guest's own result (ok or err), replicated as is.
     Result(Result<Vec<u8>, String>),
-    /// The guest trapped or ran out of fuel: the instance is unusable and must be
-    /// rebuilt; the entry's result is an error on every member.
+    /// The guest trapped for a reason every member shares (a panic, `unreachable`, a bad
+    /// memory access): the instance is unusable and must be rebuilt; the entry's result
+    /// is an error on every member.
     Trap(String),
+    /// Something of this member's own failed: the guest reported its environment failing,
+    /// ran out of fuel, overflowed its stack, or was refused memory (whether it then
+    /// trapped or returned a result). Fuel, stack and memory depend on this instance's
+    /// history and the compiled code, not only on the state and the command, so no result
+    /// may be replicated: this member must stop. The instance is unusable.
+    MemberFailure(String),
 }
 
 pub struct Instance {
@@ -39,18 +46,31 @@ pub enum GuestError {
     Guest(String),
     #[error("guest trapped: {0}")]
     Trap(String),
+    /// The guest called `environment-failure`: this member must stop.
+    #[error("{0}")]
+    MemberFailure(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl GuestError {
+    /// Whether the instance trapped and can no longer be used.
     pub fn is_trap(&self) -> bool {
-        matches!(self, GuestError::Trap(_))
+        matches!(self, GuestError::Trap(_) | GuestError::MemberFailure(_))
+    }
+
+    pub fn is_member_failure(&self) -> bool {
+        matches!(self, GuestError::MemberFailure(_))
     }
 }
 
+/// Outside `apply` only the guest's own report is a member failure: running out of fuel
+/// or memory there fails the call, and nothing of it is replicated.
 fn trap(e: &wasmtime::Error) -> GuestError {
-    GuestError::Trap(describe_trap(e))
+    match e.downcast_ref::<EnvironmentFailure>() {
+        Some(failure) => GuestError::MemberFailure(failure.to_string()),
+        None => GuestError::Trap(describe_trap(e)),
+    }
 }
 
 fn describe_trap(e: &wasmtime::Error) -> String {
@@ -70,13 +90,17 @@ impl Instance {
         node: u64,
     ) -> Result<Self, GuestError> {
         let wasi = wasi_ctx(guest_dir).map_err(|e| GuestError::Io(std::io::Error::other(format!("{e:#}"))))?;
-        let limits =
-            StoreLimitsBuilder::new().memory_size(module.limits.memory_bytes).trap_on_grow_failure(true).build();
         let mut store = Store::new(
             module.engine(),
-            HostState { wasi, table: wasmtime::component::ResourceTable::new(), limits, node },
+            HostState {
+                wasi,
+                table: wasmtime::component::ResourceTable::new(),
+                limiter: Limiter::new(module.limits.memory_bytes),
+                paths: Default::default(),
+                node,
+            },
         );
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.limiter);
         store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
         let fsm = module.pre.instantiate(&mut store).map_err(|e| trap(&e))?;
         let mut inst = Instance { store, fsm, fuel_per_entry: module.limits.fuel_per_entry };
@@ -93,13 +117,34 @@ impl Instance {
         if let Err(e) = self.store.set_fuel(self.fuel_per_entry) {
             return ApplyOutcome::Trap(describe_trap(&e));
         }
+        self.store.data_mut().limiter.refused = None;
         let entry = sm::Entry { index, term, command: command.to_vec() };
-        match self.fsm.wasm_raft_fsm_state_machine().call_apply(&mut self.store, &[entry]) {
+        let called = self.fsm.wasm_raft_fsm_state_machine().call_apply(&mut self.store, &[entry]);
+        // Checked first: whatever the guest made of a refusal (a trap, an error result,
+        // a smaller buffer), it may not have done the same on another member.
+        if let Some(refused) = self.store.data_mut().limiter.refused.take() {
+            let then = match &called {
+                Ok(_) => "returned a result".to_string(),
+                Err(e) => format!("trapped: {}", describe_trap(e)),
+            };
+            return ApplyOutcome::MemberFailure(format!("the guest ran out of memory: {refused}; it then {then}"));
+        }
+        match called {
             Ok(mut results) if results.len() == 1 => ApplyOutcome::Result(results.remove(0)),
             Ok(results) => {
                 ApplyOutcome::Trap(format!("contract violation: apply returned {} results for 1 entry", results.len()))
             }
-            Err(e) => ApplyOutcome::Trap(describe_trap(&e)),
+            Err(e) => match (e.downcast_ref::<EnvironmentFailure>(), e.downcast_ref::<wasmtime::Trap>()) {
+                (Some(failure), _) => ApplyOutcome::MemberFailure(failure.to_string()),
+                (_, Some(wasmtime::Trap::OutOfFuel)) => ApplyOutcome::MemberFailure(format!(
+                    "the guest ran out of fuel ({} per command, --fuel-per-entry)",
+                    self.fuel_per_entry
+                )),
+                (_, Some(wasmtime::Trap::StackOverflow)) => ApplyOutcome::MemberFailure(
+                    "the guest overflowed its stack (how deep it may go depends on the compiled code)".to_string(),
+                ),
+                _ => ApplyOutcome::Trap(describe_trap(&e)),
+            },
         }
     }
 
@@ -166,5 +211,91 @@ impl Instance {
         };
         let _ = res.resource_drop(&mut self.store);
         outcome.map_err(|e| trap(&e))?.map_err(GuestError::Guest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::fsm::Limits;
+
+    /// The `faulty` test guest, built by `scripts/build.sh`.
+    fn faulty() -> &'static GuestModule {
+        static MODULE: OnceLock<GuestModule> = OnceLock::new();
+        MODULE.get_or_init(|| {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/faulty.wasm");
+            assert!(path.exists(), "{} missing: run scripts/build.sh first", path.display());
+            GuestModule::load(&path, Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 })
+                .expect("load faulty")
+        })
+    }
+
+    fn apply(dir: &tempfile::TempDir, command: &str) -> ApplyOutcome {
+        let mut inst = Instance::new(faulty(), &[], Some(dir.path()), 1).expect("instance");
+        inst.apply(1, 1, command.as_bytes())
+    }
+
+    fn member_failure(outcome: ApplyOutcome) -> String {
+        match outcome {
+            ApplyOutcome::MemberFailure(why) => why,
+            other => panic!("expected a member failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reported_environment_failure_is_the_members_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(apply(&dir, "env-check"), ApplyOutcome::Result(Ok(ok)) if ok == b"ok"));
+        std::fs::write(dir.path().join("broken-disk"), b"").expect("marker");
+        let why = member_failure(apply(&dir, "env-check"));
+        assert!(why.contains("environment failed") && why.contains("broken-disk"), "{why}");
+    }
+
+    #[test]
+    fn running_out_of_fuel_is_the_members_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let why = member_failure(apply(&dir, "spin"));
+        assert!(why.contains("ran out of fuel") && why.contains("20000000"), "{why}");
+    }
+
+    #[test]
+    fn refused_memory_is_the_members_own_whether_the_guest_traps_or_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let why = member_failure(apply(&dir, "grow"));
+        assert!(why.contains("memory could not grow") && why.contains("trapped"), "{why}");
+        let why = member_failure(apply(&dir, "try-grow"));
+        assert!(why.contains("memory could not grow") && why.contains("returned a result"), "{why}");
+    }
+
+    /// How deep the stack may go depends on the compiled code's frame sizes.
+    #[test]
+    fn stack_overflow_is_the_members_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let why = member_failure(apply(&dir, "recurse"));
+        assert!(why.contains("overflowed its stack"), "{why}");
+    }
+
+    #[test]
+    fn a_panic_is_a_trap_every_member_shares() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(apply(&dir, "add-then-trap-1"), ApplyOutcome::Trap(why) if why.contains("unreachable")));
+        assert!(matches!(apply(&dir, "fail"), ApplyOutcome::Result(Err(e)) if e == "requested failure"));
+    }
+
+    /// A query's answer goes to one client and is never replicated: running out of fuel
+    /// there only fails it. The guest's own report still stops the member.
+    #[test]
+    fn in_a_query_only_the_guests_report_is_the_members_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut inst = Instance::new(faulty(), &[], Some(dir.path()), 1).expect("instance");
+        let e = inst.query(b"spin").expect_err("out of fuel");
+        assert!(e.is_trap() && !e.is_member_failure() && e.to_string().contains("fuel"), "{e}");
+        std::fs::write(dir.path().join("broken-disk"), b"").expect("marker");
+        let mut inst = Instance::new(faulty(), &[], Some(dir.path()), 1).expect("instance");
+        let e = inst.query(b"env-check").expect_err("environment failure");
+        assert!(e.is_member_failure() && e.to_string().contains("broken-disk"), "{e}");
     }
 }

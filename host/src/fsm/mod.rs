@@ -3,22 +3,28 @@
 //!
 //! Determinism is enforced here and nowhere else: NaN canonicalisation, fuel (never
 //! epochs or timers), a memory limit, no threads or relaxed SIMD nondeterminism, and a
-//! WASI context with a frozen clock, a fixed random stream and no network.
+//! WASI context with a frozen clock, a fixed random stream, no network, and file metadata,
+//! directory order and timers that are the same on every member (`wasi_det`).
 
 mod instance;
+mod wasi_det;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, StoreLimits};
+use wasmtime::{Config, Engine, ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use instance::{ApplyOutcome, Instance};
 
 pub(crate) mod bindings {
-    wasmtime::component::bindgen!({ world: "fsm", path: "../wit" });
+    wasmtime::component::bindgen!({
+        world: "fsm",
+        path: "../wit",
+        imports: { "wasm-raft:fsm/host.environment-failure": trappable },
+    });
 }
 
 use bindings::wasm_raft::fsm::host::Level;
@@ -38,8 +44,9 @@ pub enum LoadError {
     Engine(String),
 }
 
-/// Guest execution limits, identical on every member (they are part of the replicated
-/// behaviour: a member with a smaller budget could fail an entry the others apply).
+/// Guest execution limits, meant to be identical on every member. Exceeding one in `apply`
+/// stops the member (it is never a command's result), so a member with a smaller budget
+/// stops where the others go on: a safety margin, to be set wide.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Fuel for one `apply`d entry (also for one `query`).
@@ -85,6 +92,7 @@ impl GuestModule {
             .map_err(|e| LoadError::NotComponent { path: path.clone(), why: format!("{e:#}") })?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| wasi_det::shadow(&mut linker))
             .and_then(|()| bindings::Fsm::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s))
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let pre = linker
@@ -130,8 +138,82 @@ fn engine() -> wasmtime::Result<Engine> {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limiter: Limiter,
+    paths: wasi_det::DescriptorPaths,
     node: u64,
+}
+
+/// The guest reported that this member's environment failed (`environment-failure`): the
+/// error the call traps with, so that the caller can tell it from a trap of the guest's
+/// own making.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest reported that this member's environment failed: {0}")]
+pub struct EnvironmentFailure(pub String);
+
+/// The memory limit, remembering whether it refused anything: whether a `memory.grow`
+/// succeeds depends on this instance's heap history, so the caller must know when one
+/// failed, even if the guest then went on (a Rust guest turns the failure into an abort,
+/// which looks like any other `unreachable`; another may return an error).
+struct Limiter {
+    limits: StoreLimits,
+    memory_bytes: usize,
+    refused: Option<String>,
+}
+
+impl Limiter {
+    fn new(memory_bytes: usize) -> Self {
+        let limits = wasmtime::StoreLimitsBuilder::new().memory_size(memory_bytes).build();
+        Limiter { limits, memory_bytes, refused: None }
+    }
+
+    fn refuse(&mut self, why: String) {
+        self.refused.get_or_insert(why);
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if !allowed {
+            self.refuse(format!(
+                "its memory could not grow from {} to {} MiB (the limit is {} MiB, --guest-memory-mb)",
+                current >> 20,
+                desired >> 20,
+                self.memory_bytes >> 20
+            ));
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.refuse(format!("its memory could not grow: {error:#}"));
+        Ok(())
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.table_growing(current, desired, maximum)?;
+        if !allowed {
+            self.refuse(format!("a table could not grow from {current} to {desired} elements"));
+        }
+        Ok(allowed)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.refuse(format!("a table could not grow: {error:#}"));
+        Ok(())
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl WasiView for HostState {
@@ -144,16 +226,7 @@ impl WasiView for HostState {
 /// cannot flood the log with one call.
 impl bindings::wasm_raft::fsm::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        const MAX: usize = 4096;
-        let mut msg = message;
-        if msg.len() > MAX {
-            let mut cut = MAX;
-            while !msg.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            msg.truncate(cut);
-            msg.push('…');
-        }
+        let msg = capped(message);
         let node = self.node;
         match level {
             Level::Trace => tracing::trace!(target: "guest", node, "{msg}"),
@@ -163,6 +236,25 @@ impl bindings::wasm_raft::fsm::host::Host for HostState {
             Level::Error => tracing::error!(target: "guest", node, "{msg}"),
         }
     }
+
+    /// Never returns to the guest: the trap unwinds it, and `Instance` turns the error
+    /// into a failure of this member.
+    fn environment_failure(&mut self, reason: String) -> wasmtime::Result<()> {
+        Err(wasmtime::Error::new(EnvironmentFailure(capped(reason))))
+    }
+}
+
+fn capped(mut msg: String) -> String {
+    const MAX: usize = 4096;
+    if msg.len() > MAX {
+        let mut cut = MAX;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+        msg.push('…');
+    }
+    msg
 }
 
 /// A wall clock stuck at the Unix epoch: what a guest reads must be the same on every

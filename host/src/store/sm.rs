@@ -13,10 +13,15 @@
 //!
 //! # Traps
 //!
-//! A trap (or running out of fuel) leaves an instance unusable. The worker records the
-//! entry's index as trapped, rebuilds a fresh instance from the current snapshot plus the
-//! log up to the entry before, skipping entries already known to trap, and answers the
-//! entry with an error. Every member does the same, so they stay identical.
+//! A trap leaves an instance unusable. The worker records the entry's index as trapped,
+//! rebuilds a fresh instance from the current snapshot plus the log up to the entry
+//! before, skipping entries already known to trap, and answers the entry with an error.
+//! Every member does the same, so they stay identical.
+//!
+//! A failure of this member's own (the guest reports its environment failing, runs out of
+//! fuel, memory or stack) is no result: apply returns a `StorageError`, openraft stops, and the
+//! process exits. Until then the worker refuses every call. Nothing marks the command as
+//! trapped or applied, so a restarted member meets it again rather than skipping it.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -119,6 +124,7 @@ impl StateMachine {
             dir: dir.to_path_buf(),
             log,
             trapped: BTreeSet::new(),
+            failed: None,
             metrics,
             cover: cover.clone(),
         };
@@ -311,6 +317,8 @@ struct Worker {
     log: SharedLog,
     /// Commands (log index, position) after the current snapshot whose application trapped.
     trapped: BTreeSet<(u64, usize)>,
+    /// Why this member stopped applying, once something of its own failed.
+    failed: Option<String>,
     metrics: Arc<Metrics>,
     cover: Option<SnapshotCover>,
 }
@@ -374,6 +382,9 @@ impl Worker {
     }
 
     fn instance(&mut self) -> Result<&mut Instance, StorageError> {
+        if let Some(why) = &self.failed {
+            return Err(sm_err(ErrorVerb::Write, &format!("this member has stopped applying: {why}")));
+        }
         if self.inst.is_none() {
             let next = self.last_applied.map_or(0, |l| l.index + 1);
             self.rebuild((next, 0))?;
@@ -421,6 +432,7 @@ impl Worker {
                 }
                 r
             }
+            ApplyOutcome::MemberFailure(why) => return Err(self.member_failure(log_id.index, pos, &why)),
             ApplyOutcome::Trap(why) => {
                 self.metrics.guest_traps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(index = log_id.index, pos, %why, "guest trapped; rebuilding its instance");
@@ -474,10 +486,14 @@ impl Worker {
                     if self.trapped.contains(&(idx, pos)) {
                         continue;
                     }
-                    if let ApplyOutcome::Trap(why) = inst.apply(idx, e.log_id.leader_id.term, command) {
-                        tracing::warn!(index = idx, pos, %why, "command trapped during rebuild; skipping it");
-                        self.trapped.insert((idx, pos));
-                        continue 'attempt;
+                    match inst.apply(idx, e.log_id.leader_id.term, command) {
+                        ApplyOutcome::Result(_) => {}
+                        ApplyOutcome::Trap(why) => {
+                            tracing::warn!(index = idx, pos, %why, "command trapped during rebuild; skipping it");
+                            self.trapped.insert((idx, pos));
+                            continue 'attempt;
+                        }
+                        ApplyOutcome::MemberFailure(why) => return Err(self.member_failure(idx, pos, &why)),
                     }
                 }
             }
@@ -486,11 +502,25 @@ impl Worker {
         }
     }
 
+    /// Stops this member from applying anything more and returns the error that stops
+    /// Raft.
+    fn member_failure(&mut self, index: u64, pos: usize, why: &str) -> StorageError {
+        tracing::error!(index, pos, %why, "this member failed applying a command; it stops");
+        let why = format!("entry {index} (command {pos}) could not be applied on this member: {why}");
+        self.inst = None;
+        self.failed = Some(why.clone());
+        sm_err(ErrorVerb::Write, &why)
+    }
+
     fn query(&mut self, req: &[u8]) -> Result<Vec<u8>, String> {
         let inst = self.instance().map_err(|e| e.to_string())?;
         match inst.query(req) {
             Ok(r) => r,
             Err(e) => {
+                if e.is_member_failure() {
+                    tracing::error!(error = %e, "the guest reported its environment failing; this member stops applying");
+                    self.failed = Some(e.to_string());
+                }
                 if e.is_trap() {
                     self.metrics.guest_traps.fetch_add(1, Ordering::Relaxed);
                     self.inst = None;
@@ -506,6 +536,9 @@ impl Worker {
         match inst.digest() {
             Ok(digest) => Ok(Applied { last_applied, digest }),
             Err(e) => {
+                if e.is_member_failure() {
+                    self.failed = Some(e.to_string());
+                }
                 self.inst = None;
                 Err(format!("digest failed: {e}"))
             }
