@@ -11,9 +11,15 @@ use super::bindings::exports::wasm_raft::fsm::state_machine as sm;
 use super::bindings::Fsm;
 use super::{wasi_ctx, EnvironmentFailure, GuestModule, HostState, Limiter};
 
-/// Fuel for calls that are not per-entry (init with a large preload, snapshot, restore,
-/// digest): bounded so a broken guest cannot hang the member forever, but generous.
-const BULK_FUEL: u64 = u64::MAX / 4;
+/// Fuel for the calls that are not commands, in multiples of the per-command budget: each
+/// bounded, so that a guest looping in one of them fails with a clear error instead of
+/// hanging the member's state-machine thread. `init` may preload a large state; each
+/// snapshot `read` and restore `write` handles one chunk (1 MiB); `finish` may index the
+/// whole state; `digest` must be O(1) (it runs on every `/status`).
+const INIT_FUEL: u64 = 1000;
+const CHUNK_FUEL: u64 = 10;
+const FINISH_FUEL: u64 = 100;
+const DIGEST_FUEL: u64 = 1;
 
 /// The outcome of applying one entry.
 #[derive(Debug)]
@@ -73,6 +79,18 @@ fn trap(e: &wasmtime::Error) -> GuestError {
     }
 }
 
+fn refuel(store: &mut Store<HostState>, per_entry: u64, times: u64) -> Result<(), GuestError> {
+    store.set_fuel(per_entry.saturating_mul(times)).map_err(|e| trap(&e))
+}
+
+/// A trap in one of the calls that are not commands, naming the call.
+fn in_call(call: &str, e: &wasmtime::Error) -> GuestError {
+    match trap(e) {
+        GuestError::Trap(why) => GuestError::Trap(format!("in `{call}`: {why}")),
+        other => other,
+    }
+}
+
 fn describe_trap(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".to_string(),
@@ -101,13 +119,14 @@ impl Instance {
             },
         );
         store.limiter(|s| &mut s.limiter);
-        store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
+        let fuel = module.limits.fuel_per_entry;
+        store.set_fuel(fuel.saturating_mul(INIT_FUEL)).map_err(|e| trap(&e))?;
         let fsm = module.pre.instantiate(&mut store).map_err(|e| trap(&e))?;
-        let mut inst = Instance { store, fsm, fuel_per_entry: module.limits.fuel_per_entry };
+        let mut inst = Instance { store, fsm, fuel_per_entry: fuel };
         inst.fsm
             .wasm_raft_fsm_state_machine()
             .call_init(&mut inst.store, config)
-            .map_err(|e| trap(&e))?
+            .map_err(|e| in_call("init", &e))?
             .map_err(GuestError::Guest)?;
         Ok(inst)
     }
@@ -156,8 +175,9 @@ impl Instance {
     }
 
     pub fn digest(&mut self) -> Result<Vec<u8>, GuestError> {
-        self.store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
-        let d = self.fsm.wasm_raft_fsm_state_machine().call_digest(&mut self.store).map_err(|e| trap(&e))?;
+        self.refuel(DIGEST_FUEL)?;
+        let d =
+            self.fsm.wasm_raft_fsm_state_machine().call_digest(&mut self.store).map_err(|e| in_call("digest", &e))?;
         if d.len() > 64 {
             return Err(GuestError::Trap(format!("contract violation: digest of {} bytes (at most 64)", d.len())));
         }
@@ -166,13 +186,16 @@ impl Instance {
 
     /// Stream the guest's snapshot into `out`; returns the number of bytes written.
     pub fn snapshot_to(&mut self, out: &mut impl Write, chunk: u32) -> Result<u64, GuestError> {
-        self.store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
+        self.refuel(CHUNK_FUEL)?;
         let snap = self.fsm.wasm_raft_fsm_state_machine().snapshot();
-        let res = snap.call_constructor(&mut self.store).map_err(|e| trap(&e))?;
+        let res = snap.call_constructor(&mut self.store).map_err(|e| in_call("snapshot", &e))?;
         let mut total = 0u64;
         let outcome = loop {
+            if let Err(e) = refuel(&mut self.store, self.fuel_per_entry, CHUNK_FUEL) {
+                break Err(e);
+            }
             match snap.call_read(&mut self.store, res, chunk) {
-                Err(e) => break Err(trap(&e)),
+                Err(e) => break Err(in_call("snapshot.read", &e)),
                 Ok(Err(msg)) => break Err(GuestError::Guest(msg)),
                 Ok(Ok(bytes)) if bytes.is_empty() => break Ok(total),
                 Ok(Ok(bytes)) => {
@@ -190,13 +213,16 @@ impl Instance {
 
     /// Replace the guest's state with a stream produced by `snapshot_to`.
     pub fn restore_from(&mut self, input: &mut impl Read, chunk: usize) -> Result<(), GuestError> {
-        self.store.set_fuel(BULK_FUEL).map_err(|e| trap(&e))?;
+        self.refuel(CHUNK_FUEL)?;
         let rest = self.fsm.wasm_raft_fsm_state_machine().restore();
-        let res = rest.call_constructor(&mut self.store).map_err(|e| trap(&e))?;
+        let res = rest.call_constructor(&mut self.store).map_err(|e| in_call("restore", &e))?;
         let mut buf = vec![0u8; chunk];
         let outcome = loop {
             let n = match input.read(&mut buf) {
-                Ok(0) => break rest.call_finish(&mut self.store, res),
+                Ok(0) => {
+                    refuel(&mut self.store, self.fuel_per_entry, FINISH_FUEL)?;
+                    break rest.call_finish(&mut self.store, res).map_err(|e| ("restore.finish", e));
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -204,13 +230,19 @@ impl Instance {
                     return Err(e.into());
                 }
             };
+            refuel(&mut self.store, self.fuel_per_entry, CHUNK_FUEL)?;
             match rest.call_write(&mut self.store, res, &buf[..n]) {
                 Ok(Ok(())) => {}
-                other => break other,
+                other => break other.map_err(|e| ("restore.write", e)),
             }
         };
         let _ = res.resource_drop(&mut self.store);
-        outcome.map_err(|e| trap(&e))?.map_err(GuestError::Guest)
+        outcome.map_err(|(call, e)| in_call(call, &e))?.map_err(GuestError::Guest)
+    }
+
+    /// Sets the fuel for the next call to `times` the per-command budget.
+    fn refuel(&mut self, times: u64) -> Result<(), GuestError> {
+        refuel(&mut self.store, self.fuel_per_entry, times)
     }
 }
 

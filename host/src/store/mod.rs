@@ -4,6 +4,7 @@ pub mod covered;
 pub mod durable;
 pub mod log;
 pub mod sm;
+pub mod snapfile;
 
 pub use durable::Durable;
 pub use log::{LogStore, SharedLog};

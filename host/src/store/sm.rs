@@ -7,16 +7,22 @@
 //!
 //! # Snapshot files (`<data-dir>/snapshots/`)
 //!
-//! `current.snap` = `SNAP_MAGIC`, a u32 BE length, the bincode `SnapshotMeta`, then the
-//! guest's own stream. The same bytes travel to followers, so a received snapshot is
-//! installed by renaming it.
+//! `current.snap` is a header with openraft's `SnapshotMeta`, the guest's own stream and a
+//! trailer with its length, a checksum and the guest's digest (see `snapfile`). The same
+//! bytes travel to followers, so a received snapshot is verified, restored and then
+//! installed by renaming it. Every restore (start-up, install, rebuild) checks the file
+//! and then the restored guest's digest against the recorded one.
 //!
 //! # Traps
 //!
 //! A trap leaves an instance unusable. The worker records the entry's index as trapped,
 //! rebuilds a fresh instance from the current snapshot plus the log up to the entry
 //! before, skipping entries already known to trap, and answers the entry with an error.
-//! Every member does the same, so they stay identical.
+//! Every member does the same, so they stay identical. Every command after the snapshot
+//! was applied by this process (a restart re-applies them), so the set of trapped ones is
+//! complete: a command that traps on replay although it succeeded when it was applied is
+//! a guest that does not behave the same twice, and the member stops rather than skip it
+//! (skipping would make its state differ from every other member's).
 //!
 //! A failure of this member's own (the guest reports its environment failing, runs out of
 //! fuel, memory or stack) is no result: apply returns a `StorageError`, openraft stops, and the
@@ -25,7 +31,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,19 +40,19 @@ use std::time::Instant;
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncSeekExt;
 use tokio::sync::oneshot;
 
 use super::covered::SnapshotCover;
 use super::durable::Durable;
 use super::log::{sync_dir, LogStore, SharedLog};
+use super::snapfile::{SnapReader, SnapWriter};
 use crate::fsm::{ApplyOutcome, GuestModule, Instance};
 use crate::metrics::Metrics;
 use crate::types::{
     Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-const SNAP_MAGIC: &[u8; 8] = b"WRSNAP1\n";
 const CHUNK: u32 = 1 << 20;
 
 /// Handle to the worker; cheap to clone.
@@ -269,42 +275,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let mut file = match tokio::fs::File::open(self.dir.join("current.snap")).await {
+        let path = self.dir.join("current.snap");
+        let file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(snap_err(ErrorVerb::Read, &e)),
         };
-        let mut head = [0u8; 12];
-        file.read_exact(&mut head).await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
-        let mut meta = vec![0u8; len];
-        file.read_exact(&mut meta).await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        let meta: SnapshotMeta = bincode::deserialize(&meta).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        file.rewind().await.map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        // The header and trailer only (the stream was verified when the file was made or
+        // installed, and is again by whoever installs it).
+        let meta = tokio::task::spawn_blocking(move || SnapReader::open(&path).map(|r| r.meta))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?
+            .map_err(|e| snap_err(ErrorVerb::Read, &e))?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
-}
-
-fn write_header(out: &mut impl Write, meta: &SnapshotMeta) -> io::Result<()> {
-    let meta = bincode::serialize(meta).map_err(io::Error::other)?;
-    out.write_all(SNAP_MAGIC)?;
-    out.write_all(&(meta.len() as u32).to_be_bytes())?;
-    out.write_all(&meta)
-}
-
-/// Open a snapshot file, returning its meta and a reader positioned at the guest stream.
-fn read_header(path: &Path) -> io::Result<(SnapshotMeta, BufReader<File>)> {
-    let mut r = BufReader::with_capacity(CHUNK as usize, File::open(path)?);
-    let mut head = [0u8; 12];
-    r.read_exact(&mut head)?;
-    if &head[..8] != SNAP_MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: not a snapshot file", path.display())));
-    }
-    let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
-    let mut meta = vec![0u8; len];
-    r.read_exact(&mut meta)?;
-    let meta = bincode::deserialize(&meta).map_err(io::Error::other)?;
-    Ok((meta, r))
 }
 
 struct Worker {
@@ -331,10 +315,8 @@ impl Worker {
     fn start(&mut self) -> anyhow::Result<()> {
         let current = self.current();
         if current.exists() {
-            let (meta, mut r) = read_header(&current)?;
-            let mut inst = self.fresh()?;
-            inst.restore_from(&mut r, CHUNK as usize)
-                .map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
+            let (inst, meta) =
+                self.restore(&current).map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
             self.last_applied = meta.last_log_id;
             self.membership = meta.last_membership.clone();
             self.covered(&meta);
@@ -344,6 +326,27 @@ impl Worker {
             self.inst = Some(self.fresh()?);
         }
         Ok(())
+    }
+
+    /// A fresh instance restored from the snapshot file at `path`, verified: the file's
+    /// checksum before the guest's `finish`, then the guest's digest against the one
+    /// recorded when the snapshot was made.
+    fn restore(&self, path: &Path) -> Result<(Instance, SnapshotMeta), String> {
+        let mut r = SnapReader::open(path).map_err(|e| e.to_string())?;
+        let mut inst = self.fresh().map_err(|e| e.to_string())?;
+        inst.restore_from(&mut r, CHUNK as usize).map_err(|e| format!("guest restore failed: {e}"))?;
+        if let Some(recorded) = r.digest() {
+            let restored = inst.digest().map_err(|e| format!("digest after restore: {e}"))?;
+            if restored != recorded {
+                return Err(format!(
+                    "the restored guest's digest {} differs from the one recorded with the snapshot {}: \
+                     its restore does not rebuild what its snapshot wrote",
+                    hex::encode(&restored),
+                    hex::encode(recorded)
+                ));
+            }
+        }
+        Ok((inst, r.meta))
     }
 
     /// `meta`'s snapshot is on disk: the log may be purged up to it.
@@ -451,55 +454,51 @@ impl Worker {
     /// position in the entry): the current snapshot plus the log after it, skipping
     /// commands known to trap.
     fn rebuild(&mut self, upto: (u64, usize)) -> Result<(), StorageError> {
-        'attempt: loop {
-            let mut inst = self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
-            let mut from = 0;
-            if let Some(meta) = &self.snapshot {
-                let (_, mut r) = read_header(&self.current()).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-                inst.restore_from(&mut r, CHUNK as usize).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        let mut from = 0;
+        let mut inst = match &self.snapshot {
+            Some(meta) => {
                 from = meta.last_log_id.map_or(0, |l| l.index + 1);
+                self.restore(&self.current()).map_err(|e| snap_err(ErrorVerb::Read, &e))?.0
             }
-            let entries: Vec<Entry> = {
-                let mem = self.log.lock().unwrap_or_else(|p| p.into_inner());
-                // Empty when the command to stop at is in the first entry after the snapshot.
-                mem.entries.range(from..=upto.0.max(from)).map(|(_, e)| e.clone()).collect()
-            };
-            if let Some(first) = entries.first() {
-                if from > 0 && first.log_id.index != from {
-                    return Err(sm_err(
-                        ErrorVerb::Read,
-                        &format!(
-                            "cannot rebuild the guest: log starts at {} after a snapshot at {}",
-                            first.log_id.index,
-                            from - 1
-                        ),
-                    ));
+            None => self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?,
+        };
+        let entries: Vec<Entry> = {
+            let mem = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            // Empty when the command to stop at is in the first entry after the snapshot.
+            mem.entries.range(from..=upto.0.max(from)).map(|(_, e)| e.clone()).collect()
+        };
+        let mut want = from;
+        for e in entries {
+            let idx = e.log_id.index;
+            // Every entry from the snapshot on must be there: a hole would leave out
+            // commands every other member applied.
+            if idx != want && !(want == 0 && self.snapshot.is_none()) {
+                return Err(sm_err(
+                    ErrorVerb::Read,
+                    &format!("cannot rebuild the guest: the log has entry {idx} where {want} should be"),
+                ));
+            }
+            want = idx + 1;
+            let EntryPayload::Normal(req) = &e.payload else { continue };
+            for (pos, command) in req.commands.iter().enumerate() {
+                if (idx, pos) >= upto {
+                    break;
+                }
+                if self.trapped.contains(&(idx, pos)) {
+                    continue;
+                }
+                match inst.apply(idx, e.log_id.leader_id.term, command) {
+                    ApplyOutcome::Result(_) => {}
+                    ApplyOutcome::Trap(why) => {
+                        let why = format!("it trapped on replay after succeeding when first applied: {why}");
+                        return Err(self.member_failure(idx, pos, &why));
+                    }
+                    ApplyOutcome::MemberFailure(why) => return Err(self.member_failure(idx, pos, &why)),
                 }
             }
-            for e in entries {
-                let idx = e.log_id.index;
-                let EntryPayload::Normal(req) = &e.payload else { continue };
-                for (pos, command) in req.commands.iter().enumerate() {
-                    if (idx, pos) >= upto {
-                        break;
-                    }
-                    if self.trapped.contains(&(idx, pos)) {
-                        continue;
-                    }
-                    match inst.apply(idx, e.log_id.leader_id.term, command) {
-                        ApplyOutcome::Result(_) => {}
-                        ApplyOutcome::Trap(why) => {
-                            tracing::warn!(index = idx, pos, %why, "command trapped during rebuild; skipping it");
-                            self.trapped.insert((idx, pos));
-                            continue 'attempt;
-                        }
-                        ApplyOutcome::MemberFailure(why) => return Err(self.member_failure(idx, pos, &why)),
-                    }
-                }
-            }
-            self.inst = Some(inst);
-            return Ok(());
         }
+        self.inst = Some(inst);
+        Ok(())
     }
 
     /// Stops this member from applying anything more and returns the error that stops
@@ -557,19 +556,17 @@ impl Worker {
         let started = Instant::now();
         let mut streamed = started;
         let res = (|| -> Result<u64, StorageError> {
-            let mut w = BufWriter::with_capacity(
-                CHUNK as usize,
-                File::create(&tmp).map_err(|e| snap_err(ErrorVerb::Write, &e))?,
-            );
-            write_header(&mut w, &meta).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+            let file = File::create(&tmp).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+            let mut w = SnapWriter::create(file, &meta).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
             let inst = self.instance()?;
-            let n = inst.snapshot_to(&mut w, CHUNK).map_err(|e| {
+            let written = inst.snapshot_to(w.stream(), CHUNK).and_then(|n| Ok((n, inst.digest()?)));
+            let (n, digest) = written.map_err(|e| {
                 if e.is_trap() {
                     self.inst = None;
                 }
                 snap_err(ErrorVerb::Write, &format!("guest snapshot failed: {e}"))
             })?;
-            let f = w.into_inner().map_err(|e| snap_err(ErrorVerb::Write, &e))?;
+            let f = w.finish(&digest).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
             streamed = Instant::now();
             // Here rather than on another thread while applies go on: a concurrent sync of
             // 100 MB made every log fsync behind it slower, and cost more than the pause.
@@ -598,11 +595,14 @@ impl Worker {
     }
 
     fn install(&mut self, meta: SnapshotMeta, path: &Path) -> Result<(), StorageError> {
-        let (_, mut r) = read_header(path).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        let mut inst = self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
-        inst.restore_from(&mut r, CHUNK as usize)
-            .map_err(|e| snap_err(ErrorVerb::Read, &format!("guest restore failed: {e}")))?;
-        drop(r);
+        let (inst, inside) = self.restore(path).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+        // The file must describe the snapshot openraft thinks it received.
+        if inside != meta {
+            return Err(snap_err(
+                ErrorVerb::Read,
+                &format!("the received snapshot's file says {inside:?}, the leader sent {meta:?}"),
+            ));
+        }
         fs::rename(path, self.current()).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
