@@ -355,8 +355,10 @@ fn encode_record<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), binco
 }
 
 /// Decode the records in `data`; returns them with their offsets and the length of the
-/// valid prefix (shorter than `data` when the tail is torn or corrupt).
-fn decode_records<T: DeserializeOwned>(data: &[u8]) -> (Vec<(u64, T)>, usize) {
+/// valid prefix (shorter than `data` when the tail is torn or corrupt). A record whose
+/// checksum matches but which does not decode is no torn write, and is an error: treating
+/// it as one would zero the rest of the log (written by another version, or a bug).
+fn decode_records<T: DeserializeOwned>(data: &[u8]) -> io::Result<(Vec<(u64, T)>, usize)> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while data.len() - pos >= RECORD_HEADER {
@@ -369,11 +371,18 @@ fn decode_records<T: DeserializeOwned>(data: &[u8]) -> (Vec<(u64, T)>, usize) {
         }
         match bincode::deserialize(&data[body..body + len]) {
             Ok(v) => out.push((pos as u64, v)),
-            Err(_) => break,
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the record at byte {pos} is intact but cannot be decoded ({e}): written by another version?"
+                    ),
+                ))
+            }
         }
         pos = body + len;
     }
-    (out, pos)
+    Ok((out, pos))
 }
 
 /// Small state files: one record, replaced atomically.
@@ -383,7 +392,8 @@ fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let (mut records, _) = decode_records::<T>(&data);
+    let (mut records, _) =
+        decode_records::<T>(&data).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     match records.pop() {
         Some((_, v)) => Ok(Some(v)),
         None => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is corrupt", path.display()))),
@@ -469,7 +479,8 @@ fn load_segments(dir: &Path, last_purged: Option<LogId>) -> io::Result<Loaded> {
         let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
-        let (mut records, mut valid) = decode_records::<Entry>(&data);
+        let (mut records, mut valid) =
+            decode_records::<Entry>(&data).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         // Records left from a recycled file's earlier use have other (lower) indices.
         if let Some(stale) = records.iter().zip(first..).position(|((_, e), want)| e.get_log_id().index != want) {
             valid = records[stale].0 as usize;
@@ -912,6 +923,21 @@ mod tests {
         assert_eq!(indices, (11..=23).collect::<Vec<_>>(), "no record of the file's earlier use");
         let data = fs::read(&third).expect("read");
         assert!(data[records(21..=23).len()..].iter().all(|b| *b == 0), "the old records were zeroed");
+    }
+
+    /// An intact record that does not decode is not a torn tail: zeroing from there would
+    /// throw away every entry after it.
+    #[tokio::test]
+    async fn an_intact_record_that_does_not_decode_fails_start_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut data = records(1..=3);
+        // A record of another format: valid length and checksum, not an `Entry`.
+        encode_record(&"not an entry", &mut data).expect("encode");
+        data.extend_from_slice(&records(5..=6));
+        fs::write(dir.path().join(segment_name(1)), &data).expect("write");
+        let err = LogStore::open(dir.path(), true).err().expect("must fail");
+        assert!(err.to_string().contains("intact but cannot be decoded"), "{err}");
+        assert_eq!(fs::read(dir.path().join(segment_name(1))).expect("read"), data, "nothing was zeroed");
     }
 
     fn log_id(index: u64) -> LogId {
