@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod checkpoint;
 pub mod client;
 pub mod codec;
 pub mod config;

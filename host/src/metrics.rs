@@ -23,6 +23,8 @@ pub struct Metrics {
     pub guest_traps: AtomicU64,
     pub snapshots_built: AtomicU64,
     pub snapshots_installed: AtomicU64,
+    /// Leaders' checkpoints this member compared with its own state and found equal.
+    pub checkpoints_verified: AtomicU64,
     apply_buckets: [AtomicU64; APPLY_BUCKETS_US.len()],
     apply_count: AtomicU64,
     apply_sum_ns: AtomicU64,
@@ -46,7 +48,7 @@ impl Metrics {
 
     /// Render our counters; `raft` lines (already formatted) are prepended by the caller.
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             ("proposals_total", "Commands proposed through this member", &self.proposals),
             ("proposal_errors_total", "Proposals that failed (not guest errors)", &self.proposal_errors),
             ("queries_total", "Read queries served", &self.queries),
@@ -65,6 +67,11 @@ impl Metrics {
                 "snapshots_installed_total",
                 "Snapshots received from the leader and installed",
                 &self.snapshots_installed,
+            ),
+            (
+                "checkpoints_verified_total",
+                "Leader checkpoints compared with this member's state and found equal",
+                &self.checkpoints_verified,
             ),
         ];
         for (name, help, v) in counters {

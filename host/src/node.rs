@@ -235,6 +235,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         tokio::spawn(api::binary::serve(client_l, app.clone())),
         tokio::spawn(admin::serve(admin_l, app.clone())),
     ]);
+    tasks.push(tokio::spawn(crate::checkpoint::run(opts.id, raft.clone(), app.sm.clone(), crate::checkpoint::EVERY)));
     if let Some(l) = text_l {
         tasks.push(tokio::spawn(api::text::serve(l, app.clone())));
     }

@@ -128,6 +128,32 @@ fn t15_one_members_environment_failure_stops_only_that_member() {
     assert_eq!(stdout_of(&out), "16", "{}", stderr_of(&out));
 }
 
+/// A member whose state silently differs from the others' (its guest read something of
+/// its own: no error anywhere) is found out by the leader's next checkpoint and stops,
+/// saying so; the others go on. Without checkpoints it would serve its state for ever.
+#[test]
+fn t16_a_member_whose_state_diverged_stops_at_the_next_checkpoint() {
+    let mut c = Cluster::start(3, "faulty", &FAULTY_LIMITS);
+    let leader = c.leader();
+    let skewed = if leader == 1 { 2 } else { 1 };
+    touch(&c.nodes[skewed].data_dir.join("guest").join("skewed"));
+    // The leader has no marker: its counter stays 0; the skewed member's becomes 1.
+    assert_eq!(propose(&c, "skew"), Ok("0".to_string()));
+    // Entries go on until a checkpoint index is passed and the leader commits its digest
+    // there (every 128 entries, looked for every 2 s).
+    let clients = format!("{},{}", c.nodes[leader].client_addr, c.nodes[3 - leader - skewed].client_addr);
+    let stopped = poll_until(TIMEOUT, || {
+        let out = kv(&clients, &["propose", "add-0"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        c.nodes[skewed].exited().ok_or_else(|| "still running".to_string())
+    });
+    assert!(stopped.is_ok(), "the diverged member is still serving\n{}", c.nodes[skewed].log_tail());
+    assert_stops(&mut c.nodes[skewed], "state diverged");
+    assert_eq!(propose(&c, "add-1"), Ok("1".to_string()), "the others go on");
+    let (_, metrics) = http_get(&c.nodes[leader].admin_addr, "/metrics").expect("metrics");
+    assert!(metrics.contains("wasm_raft_checkpoints_verified_total"), "{metrics}");
+}
+
 fn touch(path: &Path) {
     std::fs::write(path, b"").unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
 }

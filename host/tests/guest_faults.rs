@@ -93,7 +93,7 @@ fn entries(commands: &[&str]) -> Vec<Entry> {
         .enumerate()
         .map(|(i, c)| Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
-            payload: EntryPayload::Normal(Request { commands: vec![c.as_bytes().to_vec()] }),
+            payload: EntryPayload::Normal(Request::commands(vec![c.as_bytes().to_vec()])),
         })
         .collect()
 }
@@ -194,7 +194,7 @@ async fn t25_trap_inside_a_batched_entry() {
     let mut together = Replica::new(&module);
     let one = Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
-        payload: EntryPayload::Normal(Request { commands: HISTORY.iter().map(|c| c.as_bytes().to_vec()).collect() }),
+        payload: EntryPayload::Normal(Request::commands(HISTORY.iter().map(|c| c.as_bytes().to_vec()).collect())),
     };
     let got = together.apply(&[one]).await;
     assert_eq!(got.len(), HISTORY.len());

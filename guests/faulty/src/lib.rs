@@ -4,6 +4,8 @@
 //!
 //! Commands (text):
 //! - `add-N`, `add-then-trap-N` (adds, then panics), `fail` (an error result);
+//! - `skew`: adds 1 only where `/data/skewed` exists, a bug that makes one member's state
+//!   differ from the others' without any error;
 //! - what must stop a member rather than give a result: `spin` (runs out of fuel), `grow`
 //!   (allocates until the memory limit aborts it), `try-grow` (the same, but returns an
 //!   error result when an allocation fails), `recurse` (overflows the stack), `env-check`
@@ -112,6 +114,10 @@ fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
         "try-grow" => try_grow(),
         "recurse" => Ok(recurse(u64::MAX).to_string().into_bytes()),
         "env-check" => env_check(),
+        "skew" => {
+            let by = if std::fs::metadata("/data/skewed").is_ok() { "1" } else { "0" };
+            add(by).map(|value| value.to_string().into_bytes())
+        }
         "list" => list(),
         "sleep" => sleep(),
         "fail" => Err("requested failure".to_string()),

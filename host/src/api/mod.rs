@@ -405,7 +405,7 @@ async fn batcher(
             }
             continue;
         }
-        let responder = match raft.client_write_ff(Request { commands }).await {
+        let responder = match raft.client_write_ff(Request::commands(commands)).await {
             Ok(rx) => rx,
             Err(e) => {
                 for w in waiters {

@@ -66,9 +66,13 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
         if n == 0 {
             return;
         }
-        if line.last() != Some(&b'\n') && n > MAX_LINE {
-            app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-            let _ = wr.write_all(format!("ERR: line longer than {MAX_LINE} bytes\n").as_bytes()).await;
+        if line.last() != Some(&b'\n') {
+            if n > MAX_LINE {
+                app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+                let _ = wr.write_all(format!("ERR: line longer than {MAX_LINE} bytes\n").as_bytes()).await;
+            }
+            // Otherwise the connection ended in the middle of a line: a command cut short
+            // (a value missing its end) must not be applied.
             return;
         }
         while matches!(line.last(), Some(b'\n' | b'\r')) {

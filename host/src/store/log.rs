@@ -781,7 +781,7 @@ mod tests {
     fn entry(term: u64, index: u64, cmd: &str) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(Request { commands: vec![cmd.as_bytes().to_vec()] }),
+            payload: EntryPayload::Normal(Request::commands(vec![cmd.as_bytes().to_vec()])),
         }
     }
 
@@ -1051,7 +1051,7 @@ mod tests {
     fn leader_entry(term: u64, node: u64, index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, node), index),
-            payload: EntryPayload::Normal(Request { commands: vec![b"x".to_vec()] }),
+            payload: EntryPayload::Normal(Request::commands(vec![b"x".to_vec()])),
         }
     }
 

@@ -29,7 +29,7 @@
 //! process exits. Until then the worker refuses every call. Nothing marks the command as
 //! trapped or applied, so a restarted member meets it again rather than skipping it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -50,10 +50,14 @@ use super::snapfile::{SnapReader, SnapWriter};
 use crate::fsm::{ApplyOutcome, GuestModule, Instance};
 use crate::metrics::Metrics;
 use crate::types::{
-    Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Checkpoint, Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
 const CHUNK: u32 = 1 << 20;
+/// Entries whose index is a multiple of this get their digest recorded, for checkpoints.
+pub const CHECKPOINT_EVERY: u64 = 128;
+/// Recorded digests kept: a checkpoint refers to an index the leader applied moments ago.
+const KEPT_CHECKPOINTS: usize = 64;
 
 /// Handle to the worker; cheap to clone.
 #[derive(Clone)]
@@ -83,6 +87,7 @@ enum Op {
     Query(Vec<u8>, QueryDone),
     Digest(oneshot::Sender<Result<Applied, String>>),
     AppliedState(oneshot::Sender<(Option<LogId>, StoredMembership)>),
+    LatestCheckpoint(oneshot::Sender<Option<Checkpoint>>),
     Build(oneshot::Sender<Result<SnapshotMeta, StorageError>>),
     Install(SnapshotMeta, PathBuf, oneshot::Sender<Result<(), StorageError>>),
 }
@@ -133,6 +138,7 @@ impl StateMachine {
             failed: None,
             metrics,
             cover: cover.clone(),
+            checkpoints: BTreeMap::new(),
         };
         let (tx, rx) = mpsc::channel();
         // The first instance is made on the worker thread too: guest file calls block the
@@ -172,6 +178,11 @@ impl StateMachine {
         if let Err(mpsc::SendError(Op::Query(_, done))) = self.tx.send(Op::Query(request, Box::new(done))) {
             done(Err("state-machine thread stopped".into()));
         }
+    }
+
+    /// The last digest recorded at a checkpoint index (see [`CHECKPOINT_EVERY`]).
+    pub async fn latest_checkpoint(&self) -> Option<Checkpoint> {
+        self.call(Op::LatestCheckpoint).await.ok().flatten()
     }
 
     pub async fn applied(&self) -> Result<Applied, String> {
@@ -305,6 +316,9 @@ struct Worker {
     failed: Option<String>,
     metrics: Arc<Metrics>,
     cover: Option<SnapshotCover>,
+    /// The guest's digest after each recent entry whose index is a multiple of
+    /// [`CHECKPOINT_EVERY`], for comparing with the leader's checkpoints.
+    checkpoints: BTreeMap<u64, Vec<u8>>,
 }
 
 impl Worker {
@@ -371,6 +385,10 @@ impl Worker {
                 Op::Digest(tx) => {
                     let _ = tx.send(self.digest());
                 }
+                Op::LatestCheckpoint(tx) => {
+                    let latest = self.checkpoints.last_key_value();
+                    let _ = tx.send(latest.map(|(&index, digest)| Checkpoint { index, digest: digest.clone() }));
+                }
                 Op::AppliedState(tx) => {
                     let _ = tx.send((self.last_applied, self.membership.clone()));
                 }
@@ -406,6 +424,9 @@ impl Worker {
                     Response::default()
                 }
                 EntryPayload::Normal(req) => {
+                    if let Some(c) = &req.checkpoint {
+                        self.compare(c)?;
+                    }
                     let mut results = Vec::with_capacity(req.commands.len());
                     for (pos, command) in req.commands.iter().enumerate() {
                         results.push(self.apply_one(log_id, pos, command)?);
@@ -414,6 +435,9 @@ impl Worker {
                 }
             };
             self.last_applied = Some(log_id);
+            if log_id.index.is_multiple_of(CHECKPOINT_EVERY) {
+                self.record_checkpoint(log_id.index)?;
+            }
             out.push(resp);
         }
         Ok(out)
@@ -499,6 +523,42 @@ impl Worker {
         }
         self.inst = Some(inst);
         Ok(())
+    }
+
+    /// Records the digest after the entry at `index`, keeping the most recent ones.
+    fn record_checkpoint(&mut self, index: u64) -> Result<(), StorageError> {
+        let digest = self.instance()?.digest().map_err(|e| sm_err(ErrorVerb::Read, &format!("digest: {e}")))?;
+        self.checkpoints.insert(index, digest);
+        while self.checkpoints.len() > KEPT_CHECKPOINTS {
+            self.checkpoints.pop_first();
+        }
+        Ok(())
+    }
+
+    /// Compares a leader's checkpoint with this member's digest at the same index, if it
+    /// still has it (a snapshot installed past it, or a restart, leaves none to compare).
+    /// A difference means the states diverged, for whatever reason (a guest that is not
+    /// deterministic, an import that differs between members, a bug): this member stops
+    /// rather than serve or replicate a state the others do not have.
+    fn compare(&mut self, c: &Checkpoint) -> Result<(), StorageError> {
+        let Some(mine) = self.checkpoints.get(&c.index) else {
+            return Ok(());
+        };
+        if *mine == c.digest {
+            self.metrics.checkpoints_verified.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let why = format!(
+            "state diverged: after entry {} this member's guest digest is {}, the leader's {}; \
+             this member stops (its state must be replaced from a healthy member's snapshot)",
+            c.index,
+            hex::encode(mine),
+            hex::encode(&c.digest)
+        );
+        tracing::error!(index = c.index, "{why}");
+        self.inst = None;
+        self.failed = Some(why.clone());
+        Err(sm_err(ErrorVerb::Read, &why))
     }
 
     /// Stops this member from applying anything more and returns the error that stops
