@@ -159,7 +159,11 @@ impl PeerClient {
         let max = PEER_MAX_FRAME;
         let mut buf = std::mem::take(&mut self.buf);
         let res = async {
-            self.in_call = true;
+            // The previous call's future was dropped (openraft's own timeout) between its
+            // request and its response: that response would be read as this call's.
+            if std::mem::replace(&mut self.in_call, true) {
+                self.conn = None;
+            }
             let conn = self.connect().await?;
             let req = PeerRequest { kind: kind as i32, payload };
             write_frame(conn, &req).await.map_err(|e| Transport::Broken(e.to_string()))?;
@@ -353,8 +357,9 @@ mod tests {
 
     use super::*;
 
-    /// A peer that answers hellos and votes, except that it never answers the first
-    /// request on its first connection. Returns its address and its count of connections.
+    /// A peer that answers hellos and votes, except that it answers the first request on
+    /// its first connection only after `LATE`, when the caller has given up on it. Returns
+    /// its address and its count of connections.
     async fn peer() -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
@@ -372,8 +377,9 @@ mod tests {
                     loop {
                         let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
                         if std::mem::take(&mut first_req) && first_conn {
-                            // Swallowed: this connection is now out of step for good.
-                            continue;
+                            // Whoever reads this answer next on this connection takes it
+                            // for the answer to its own request.
+                            tokio::time::sleep(LATE).await;
                         }
                         let vote: VoteRequest<NodeId> = bincode::deserialize(&req.payload).expect("a vote request");
                         let answer: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
@@ -388,6 +394,9 @@ mod tests {
         });
         (addr, accepted)
     }
+
+    const LATE: Duration = Duration::from_millis(400);
+    const GIVE_UP: Duration = Duration::from_millis(200);
 
     fn vote(term: u64) -> VoteRequest<NodeId> {
         VoteRequest::new(Vote::new(term, 1), None)
@@ -404,8 +413,8 @@ mod tests {
         // The caller gives up while the response is outstanding (openraft drops the
         // future); the client, dropped afterwards, must not pool that connection.
         let mut client = network.new_client(2, &member).await;
-        let gave_up = tokio::time::timeout(Duration::from_millis(200), client.vote(vote(1), option.clone())).await;
-        assert!(gave_up.is_err(), "the peer was told not to answer");
+        let gave_up = tokio::time::timeout(GIVE_UP, client.vote(vote(1), option.clone())).await;
+        assert!(gave_up.is_err(), "the peer was told to answer late");
         drop(client);
 
         // A fresh connection, and the answer to this very request (term 2), not a stale one.
@@ -420,5 +429,24 @@ mod tests {
         let resp = client.vote(vote(3), option).await.expect("vote on the pooled connection");
         assert_eq!(resp.vote, Vote::new(3, 1));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection for a pooled one");
+    }
+
+    /// openraft times out a call by dropping its future (before our own timeout of the same
+    /// length fires) and goes on with the same client, as a replication stream does: the
+    /// next call must not read the answer the dropped one left on the connection.
+    #[tokio::test]
+    async fn a_call_dropped_mid_flight_leaves_no_answer_for_the_next_call() {
+        let (addr, accepted) = peer().await;
+        let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
+        let mut network = Network::new(1, String::new(), lease, Durable::new(None));
+        let member = Member { raft_addr: addr, ..Default::default() };
+        let option = RPCOption::new(Duration::from_secs(5));
+
+        let mut client = network.new_client(2, &member).await;
+        let gave_up = tokio::time::timeout(GIVE_UP, client.vote(vote(1), option.clone())).await;
+        assert!(gave_up.is_err(), "the peer was told to answer late");
+        let resp = client.vote(vote(2), option).await.expect("vote after a dropped call");
+        assert_eq!(resp.vote, Vote::new(2, 1), "the answer to the dropped call");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a fresh connection after the dropped call");
     }
 }
