@@ -19,6 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::Outcome;
 use crate::codec::{encode_frame, read_frame, DEFAULT_MAX_FRAME};
 use crate::proto::{ClientRequest, ClientResponse, Code, RequestKind};
+use crate::types::MAX_COMMAND_BYTES;
+
+/// What a request adds to its payload on the wire: the frame length, id, kind and flag.
+const REQUEST_OVERHEAD: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
@@ -123,6 +127,7 @@ pub struct Client {
     next_id: AtomicU64,
     /// How long one call may keep retrying (redirects, elections, unreachable members).
     pub deadline: Duration,
+    /// Largest frame sent or accepted.
     pub max_frame: usize,
 }
 
@@ -166,6 +171,27 @@ impl Client {
         }
     }
 
+    /// Refuses, before anything is sent, what a member would refuse: a command over the
+    /// cap, and a frame over the limit, on which the member hangs up and every request
+    /// pipelined on the connection ends in doubt. It also keeps frame lengths within the
+    /// 4 bytes that carry them.
+    fn check_size(&self, kind: RequestKind, payload: &[u8]) -> Result<(), ClientError> {
+        if kind == RequestKind::Propose && payload.len() > MAX_COMMAND_BYTES {
+            return Err(ClientError::BadRequest(format!(
+                "command of {} bytes exceeds the limit of {MAX_COMMAND_BYTES} bytes",
+                payload.len()
+            )));
+        }
+        let limit = self.max_frame.min(u32::MAX as usize);
+        if payload.len().saturating_add(REQUEST_OVERHEAD) > limit {
+            return Err(ClientError::BadRequest(format!(
+                "request of {} bytes exceeds the frame limit of {limit} bytes",
+                payload.len()
+            )));
+        }
+        Ok(())
+    }
+
     async fn connection(&self) -> Result<Arc<Conn>, String> {
         let mut st = self.state.lock().await;
         if let Some(c) = &st.conn {
@@ -204,6 +230,7 @@ impl Client {
     }
 
     async fn call(&self, kind: RequestKind, payload: Vec<u8>, stale_ok: bool) -> Result<Vec<u8>, ClientError> {
+        self.check_size(kind, &payload)?;
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut last_error = String::from("no member answered");

@@ -19,7 +19,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::proto::{ClientResponse, Code};
 use crate::store::StateMachine;
-use crate::types::{Member, NodeId, Raft, Request};
+use crate::types::{Member, NodeId, Raft, Request, MAX_COMMAND_BYTES};
 
 /// Shared state of a running member, handed to every server.
 pub struct App {
@@ -84,8 +84,8 @@ impl Reply {
 
 /// Bounds of one batch: small enough that an AppendEntries of many batches stays a
 /// reasonable frame, large enough to amortise an fsync over many commands.
-const MAX_BATCH_COMMANDS: usize = 1024;
-const MAX_BATCH_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BATCH_COMMANDS: usize = 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// What became of a request. Tells the caller whether the command may have taken effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +191,11 @@ impl App {
     /// Hand a command to the batcher; its outcome goes to `reply`.
     pub async fn submit(&self, command: Vec<u8>, reply: Reply) {
         self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+        if command.len() > MAX_COMMAND_BYTES {
+            let why = format!("command of {} bytes exceeds the limit of {MAX_COMMAND_BYTES} bytes", command.len());
+            reply.send(Outcome::Rejected(why), &self.metrics);
+            return;
+        }
         if let Err(mpsc::error::SendError((_, reply))) = self.proposals.send((command, reply)).await {
             reply.send(Outcome::Rejected("member is stopping".into()), &self.metrics);
         }
