@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -22,11 +24,12 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::BufStream;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::api::{MAX_BATCH_BYTES, MAX_BATCH_COMMANDS};
 use crate::codec::{read_frame, read_frame_within, write_frame, FrameError, Timeouts};
 use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
 use crate::store::Durable;
-use crate::types::{Member, NodeId, Raft, TypeConfig};
+use crate::types::{Member, NodeId, Raft, TypeConfig, MAX_COMMAND_BYTES};
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
 
@@ -56,8 +59,8 @@ type Pool = Arc<Mutex<HashMap<String, Vec<BufStream<TcpStream>>>>>;
 const MAX_IDLE_PER_PEER: usize = 4;
 
 /// Frame limits on the peer port. Before the hello is accepted the other side is a
-/// stranger, so its frame must be tiny; after it, frames carry up to `max_payload_entries`
-/// batches of about 1 MiB each, or a 1 MiB snapshot chunk.
+/// stranger, so its frame must be tiny; after it, frames carry an AppendEntries of at most
+/// [`APPEND_ENTRIES_MAX_BYTES`] or a 1 MiB snapshot chunk.
 const HELLO_MAX_FRAME: usize = 64 * 1024;
 const PEER_MAX_FRAME: usize = 256 * 1024 * 1024;
 /// A stranger must prove membership at once; a member's connection may sit in the pool.
@@ -66,6 +69,32 @@ const PEER_TIMEOUTS: Timeouts = Timeouts { idle: Duration::from_secs(300), body:
 /// Peer connections accepted at once: members keep a replication stream and a few pooled
 /// connections each, so this is far above what a cluster uses.
 pub const MAX_PEER_CONNECTIONS: usize = 256;
+
+/// What one AppendEntries may carry. openraft sends up to `max_payload_entries` (64)
+/// entries at once, and entries are batches of up to about 1 MiB plus one command, so
+/// without a bound a follower that fell behind is sent more than the peer frame limit
+/// and refuses it on every retry. A request over the budget is refused here, before it is
+/// encoded, with `PayloadTooLarge`, whose entries hint makes openraft send fewer.
+///
+/// The bound is set by time: openraft gives an AppendEntries one heartbeat interval
+/// (100 ms by default) and drops the call after it, and a frame cut off mid-write is lost.
+/// On loopback on a busy two-core machine one 8 MiB entry took about 70 ms from encoding
+/// to the follower's fsync; 24 MiB took 110-130 ms and mostly timed out, and 56 MiB never
+/// arrived whole, so a lagging follower stayed behind for good. Over gigabit, 10 MiB is
+/// about 90 ms of transfer. Every entry fits (`MAX_ENTRY_BYTES`), so none goes alone
+/// over the budget.
+const APPEND_ENTRIES_MAX_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Bytes a peer request adds around its payload: the frame length and the envelope's tags
+/// and length varint.
+const ENVELOPE_BYTES: u64 = 32;
+
+/// The largest entry the batcher makes: it closes a batch once it holds `MAX_BATCH_BYTES`,
+/// so the last command can take it over by up to `MAX_COMMAND_BYTES`; bincode adds a
+/// length per command and a few dozen bytes per entry (membership entries are small).
+const MAX_ENTRY_BYTES: u64 = (MAX_BATCH_BYTES + MAX_COMMAND_BYTES + 8 * MAX_BATCH_COMMANDS + 1024) as u64;
+const _: () = assert!(MAX_ENTRY_BYTES + ENVELOPE_BYTES <= APPEND_ENTRIES_MAX_BYTES);
+const _: () = assert!(APPEND_ENTRIES_MAX_BYTES <= PEER_MAX_FRAME as u64);
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -165,7 +194,11 @@ impl PeerClient {
         let max = PEER_MAX_FRAME;
         let mut buf = std::mem::take(&mut self.buf);
         let res = async {
-            self.in_call = true;
+            // The previous call's future was dropped (openraft's own timeout) between its
+            // request and its response: that response would be read as this call's.
+            if std::mem::replace(&mut self.in_call, true) {
+                self.conn = None;
+            }
             let conn = self.connect().await?;
             let req = PeerRequest { kind: kind as i32, payload };
             write_frame(conn, &req).await.map_err(|e| Transport::Broken(e.to_string()))?;
@@ -198,6 +231,16 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if payload.len() as u64 + ENVELOPE_BYTES > PEER_MAX_FRAME as u64 {
+            // The peer would drop the connection on it (and past 4 GiB its length would
+            // wrap): never sent. Cannot happen while entries respect the command cap.
+            let e = Transport::Unreachable(format!(
+                "a {action:?} request of {} bytes exceeds the peer frame limit of {PEER_MAX_FRAME} bytes",
+                payload.len()
+            ));
+            tracing::error!(target = self.target, error = %e, "request not sent");
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         let payload = bytes::Bytes::from(payload);
         let res = tokio::time::timeout(ttl, async {
             match self.roundtrip(kind, payload.clone()).await {
@@ -244,6 +287,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // disk; followers must not hear of a commit before they are.
         let mut rpc = rpc;
         rpc.leader_commit = self.durable.clamp(rpc.leader_commit);
+        if let Some(fit) = entries_that_fit(&rpc, APPEND_ENTRIES_MAX_BYTES) {
+            tracing::debug!(target = self.target, entries = rpc.entries.len(), fit, "AppendEntries over budget");
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
         let sent = std::time::Instant::now();
         let res = self.call(PeerKind::AppendEntries, RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await;
         // Anything but HigherVote means the follower accepted this leadership (a conflict
@@ -265,6 +312,36 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(PeerKind::Vote, RPCTypes::Vote, &rpc, option.hard_ttl()).await
     }
+}
+
+/// `Some(n)` when `rpc` would be more than `budget` bytes on the wire and only its first
+/// `n` entries should go; at least one, since a lone entry is sent whatever its size (up
+/// to the peer frame limit, which `call` enforces). bincode counts sizes exactly without
+/// encoding anything, in one pass over the commands (a second only when over).
+fn entries_that_fit(rpc: &AppendEntriesRequest<TypeConfig>, budget: u64) -> Option<u64> {
+    if rpc.entries.len() <= 1 {
+        return None;
+    }
+    let total = bincode::serialized_size(rpc).unwrap_or(u64::MAX).saturating_add(ENVELOPE_BYTES);
+    if total <= budget {
+        return None;
+    }
+    let sizes: Vec<u64> = rpc.entries.iter().map(|e| bincode::serialized_size(e).unwrap_or(u64::MAX)).collect();
+    let header = total.saturating_sub(sizes.iter().fold(0u64, |sum, s| sum.saturating_add(*s)));
+    let fit = prefix_within(header, &sizes, budget).max(1);
+    (fit < sizes.len()).then_some(fit as u64)
+}
+
+/// How many of the leading items of `sizes` fit in `budget` together with `header`.
+fn prefix_within(header: u64, sizes: &[u64], budget: u64) -> usize {
+    let mut used = header;
+    sizes
+        .iter()
+        .take_while(|&&s| {
+            used = used.saturating_add(s);
+            used <= budget
+        })
+        .count()
 }
 
 /// Accept peer connections until the listener is dropped with the task.
@@ -412,8 +489,9 @@ mod tests {
 
     use super::*;
 
-    /// A peer that answers hellos and votes, except that it never answers the first
-    /// request on its first connection. Returns its address and its count of connections.
+    /// A peer that answers hellos and votes, except that it answers the first request on
+    /// its first connection only after `LATE`, when the caller has given up on it. Returns
+    /// its address and its count of connections.
     async fn peer() -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
@@ -431,8 +509,9 @@ mod tests {
                     loop {
                         let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
                         if std::mem::take(&mut first_req) && first_conn {
-                            // Swallowed: this connection is now out of step for good.
-                            continue;
+                            // Whoever reads this answer next on this connection takes it
+                            // for the answer to its own request.
+                            tokio::time::sleep(LATE).await;
                         }
                         let vote: VoteRequest<NodeId> = bincode::deserialize(&req.payload).expect("a vote request");
                         let answer: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
@@ -447,6 +526,9 @@ mod tests {
         });
         (addr, accepted)
     }
+
+    const LATE: Duration = Duration::from_millis(400);
+    const GIVE_UP: Duration = Duration::from_millis(200);
 
     fn vote(term: u64) -> VoteRequest<NodeId> {
         VoteRequest::new(Vote::new(term, 1), None)
@@ -463,8 +545,8 @@ mod tests {
         // The caller gives up while the response is outstanding (openraft drops the
         // future); the client, dropped afterwards, must not pool that connection.
         let mut client = network.new_client(2, &member).await;
-        let gave_up = tokio::time::timeout(Duration::from_millis(200), client.vote(vote(1), option.clone())).await;
-        assert!(gave_up.is_err(), "the peer was told not to answer");
+        let gave_up = tokio::time::timeout(GIVE_UP, client.vote(vote(1), option.clone())).await;
+        assert!(gave_up.is_err(), "the peer was told to answer late");
         drop(client);
 
         // A fresh connection, and the answer to this very request (term 2), not a stale one.
@@ -479,5 +561,77 @@ mod tests {
         let resp = client.vote(vote(3), option).await.expect("vote on the pooled connection");
         assert_eq!(resp.vote, Vote::new(3, 1));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection for a pooled one");
+    }
+
+    /// openraft times out a call by dropping its future (before our own timeout of the same
+    /// length fires) and goes on with the same client, as a replication stream does: the
+    /// next call must not read the answer the dropped one left on the connection.
+    #[tokio::test]
+    async fn a_call_dropped_mid_flight_leaves_no_answer_for_the_next_call() {
+        let (addr, accepted) = peer().await;
+        let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
+        let mut network = Network::new(1, String::new(), lease, Durable::new(None));
+        let member = Member { raft_addr: addr, ..Default::default() };
+        let option = RPCOption::new(Duration::from_secs(5));
+
+        let mut client = network.new_client(2, &member).await;
+        let gave_up = tokio::time::timeout(GIVE_UP, client.vote(vote(1), option.clone())).await;
+        assert!(gave_up.is_err(), "the peer was told to answer late");
+        let resp = client.vote(vote(2), option).await.expect("vote after a dropped call");
+        assert_eq!(resp.vote, Vote::new(2, 1), "the answer to the dropped call");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a fresh connection after the dropped call");
+    }
+
+    fn append(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
+        let leader = openraft::CommittedLeaderId::new(1, 1);
+        let entries = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| crate::types::Entry {
+                log_id: openraft::LogId::new(leader, i as u64 + 1),
+                payload: openraft::EntryPayload::Normal(crate::types::Request { commands: vec![vec![7; n]; 3] }),
+            })
+            .collect();
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries,
+            leader_commit: Some(openraft::LogId::new(leader, 1)),
+        }
+    }
+
+    /// The frame this request becomes on the wire.
+    fn frame_len(rpc: &AppendEntriesRequest<TypeConfig>) -> u64 {
+        let payload = bincode::serialize(rpc).expect("encode").into();
+        let mut out = Vec::new();
+        crate::codec::encode_frame(&PeerRequest { kind: PeerKind::AppendEntries as i32, payload }, &mut out);
+        out.len() as u64
+    }
+
+    #[test]
+    fn append_entries_over_the_budget_are_cut_to_a_prefix_that_fits() {
+        const KIB: usize = 1024;
+        // Each entry carries three commands of the given size.
+        let budget = 1024 * KIB as u64;
+        assert_eq!(entries_that_fit(&append(&[]), budget), None, "a heartbeat");
+        assert_eq!(entries_that_fit(&append(&[10 * KIB; 30]), budget), None, "900 KiB in all");
+
+        for sizes in [vec![100 * KIB; 8], vec![10 * KIB, 300 * KIB, 20 * KIB, 50 * KIB, 1], vec![333 * KIB; 2]] {
+            let mut rpc = append(&sizes);
+            assert!(frame_len(&rpc) > budget);
+            let fit = entries_that_fit(&rpc, budget).expect("over the budget") as usize;
+            assert!(fit >= 1 && fit < sizes.len(), "{fit} of {}", sizes.len());
+            // The hint is the longest prefix whose frame is within the budget.
+            rpc.entries.truncate(fit + 1);
+            assert!(frame_len(&rpc) > budget, "{} entries would have fit", fit + 1);
+            rpc.entries.truncate(fit);
+            assert!(frame_len(&rpc) <= budget, "{fit} entries make a frame of {}", frame_len(&rpc));
+            assert_eq!(entries_that_fit(&rpc, budget), None);
+        }
+
+        // An entry over the budget on its own goes alone: a hint of 1, then sent as it is,
+        // never a hint of 0 or a refusal openraft would retry for ever.
+        assert_eq!(entries_that_fit(&append(&[400 * KIB, 1]), budget), Some(1));
+        assert_eq!(entries_that_fit(&append(&[400 * KIB]), budget), None);
     }
 }

@@ -179,7 +179,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         max_in_snapshot_log_to_keep: opts.keep_logs,
         snapshot_max_chunk_size: 1 << 20,
         purge_batch_size: 64,
-        // Entries are batches of up to ~1 MiB: keep one AppendEntries frame bounded.
+        // At most this many entries per AppendEntries; `net` bounds their bytes.
         max_payload_entries: 64,
         ..Default::default()
     }

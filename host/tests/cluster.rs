@@ -231,3 +231,96 @@ fn t50_new_node_catches_up_through_snapshot() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(stdout_of(&out), value(WRITES + 19));
 }
+
+/// A follower that missed more large commands than one peer frame can carry catches up
+/// from the log. openraft sends up to 64 entries per AppendEntries; 36 entries of one
+/// command of almost 8 MiB (the cap) are 288 MiB, over the 256 MiB peer frame limit, and
+/// 24 MiB already take longer than the 100 ms openraft allows one AppendEntries here, so
+/// the leader has to send them one at a time. The log is never compacted meanwhile, so no
+/// snapshot can stand in for it. What it moves: 288 MiB from the client to the leader and
+/// from the leader to each follower (about 860 MiB over loopback, plus retries), as much
+/// written to the three logs; the guest keeps 4 keys (32 MiB).
+#[test]
+fn t60_follower_behind_on_large_commands_catches_up() {
+    use host::client::Client;
+    use host::types::MAX_COMMAND_BYTES;
+    use kvcommand::proto::{encode, Op};
+
+    const COMMANDS: usize = 36;
+    const KEYS: usize = 4;
+    // Room for the key and the protobuf around the value.
+    const VALUE: usize = MAX_COMMAND_BYTES - 64;
+    let max_value = format!("max-value-size={VALUE}");
+    let mut c = Cluster::start(3, "kvstore", &["--snapshot-every", "100000", "--fsm-config", &max_value]);
+    let leader = c.leader();
+    let away = (0..3).find(|&i| i != leader).expect("a follower");
+    c.nodes[away].kill9();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let addrs: Vec<String> = c.client_addrs().split(',').map(str::to_string).collect();
+    let client = Client::new(addrs);
+    rt.block_on(async {
+        for i in 0..COMMANDS {
+            let command = encode(Op::Set, &format!("big-{}", i % KEYS), &noise(VALUE, i as u64));
+            client.propose(command).await.unwrap_or_else(|e| panic!("large set {i}: {e}"));
+        }
+    });
+
+    c.nodes[away].restart();
+    c.wait_converged();
+    // Its own state, read locally: the last value written to each key.
+    let local = Client::new(vec![c.nodes[away].client_addr.clone()]);
+    rt.block_on(async {
+        for i in COMMANDS - KEYS..COMMANDS {
+            let value = local
+                .query(encode(Op::Get, &format!("big-{}", i % KEYS), b""), true)
+                .await
+                .unwrap_or_else(|e| panic!("stale get on the member that was away: {e}"));
+            assert!(value == noise(VALUE, i as u64), "big-{} differs on the member that was away", i % KEYS);
+        }
+    });
+}
+
+/// A command over the cap never reaches the log: the member refuses it as a definite
+/// failure and keeps serving the connection, and the client library does not even send it.
+#[test]
+fn t65_a_command_over_the_cap_never_reaches_the_log() {
+    use std::io::{Read, Write};
+
+    use host::client::{Client, ClientError};
+    use host::proto::{ClientRequest, ClientResponse, Code, RequestKind};
+    use host::types::MAX_COMMAND_BYTES;
+    use prost::Message;
+
+    let mut c = Cluster::start(1, "kvstore", &[]);
+    let addr = c.nodes[0].client_addr.clone();
+    let last_index = |c: &Cluster| field_u64(&c.nodes[0].status(), "last_log_index");
+    let before = last_index(&c);
+
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(KV_TIMEOUT)).expect("read timeout");
+    let mut roundtrip = |id: u64, payload: Vec<u8>| {
+        let req = ClientRequest { id, kind: RequestKind::Propose as i32, payload, stale_ok: false };
+        let mut out = Vec::new();
+        host::codec::encode_frame(&req, &mut out);
+        conn.write_all(&out).expect("send");
+        let mut len = [0u8; 4];
+        conn.read_exact(&mut len).expect("response length");
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        conn.read_exact(&mut body).expect("response");
+        ClientResponse::decode(body.as_slice()).expect("a response")
+    };
+    let resp = roundtrip(7, vec![b'x'; MAX_COMMAND_BYTES + 1]);
+    assert_eq!((resp.id, resp.code), (7, Code::Rejected as i32), "{resp:?}");
+    assert!(resp.error.contains("exceeds the limit"), "{}", resp.error);
+    let resp = roundtrip(8, kvcommand::proto::encode(kvcommand::proto::Op::Set, "k", b"v"));
+    assert_eq!((resp.id, resp.code), (8, Code::Ok as i32), "the connection still serves: {resp:?}");
+    assert_eq!(last_index(&c), before + 1, "only the small command reached the log");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = Client::new(vec![addr]);
+    let err = rt.block_on(client.propose(vec![b'x'; MAX_COMMAND_BYTES + 1])).expect_err("over the cap");
+    assert!(matches!(err, ClientError::BadRequest(_)), "{err}");
+    assert_eq!(last_index(&c), before + 1);
+    c.wait_converged();
+}

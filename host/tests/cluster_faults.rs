@@ -277,3 +277,65 @@ fn t60_a_paused_leader_serves_no_stale_read() {
     assert_eq!(stdout_of(&out), "after", "stale read from the resumed old leader: {}", stderr_of(&out));
     c.wait_converged();
 }
+
+/// Resumes a paused member when dropped, so a failing test leaves no stopped process.
+struct Paused<'a>(&'a Node);
+
+impl<'a> Paused<'a> {
+    fn new(node: &'a Node) -> Self {
+        signal(node, "STOP");
+        Paused(node)
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// `kv --timeout N` and the exit code, and how long it took. Killed, and the test
+/// failed, if it is still running long after its timeout.
+fn kv_timed(cluster_addrs: &str, timeout_s: u64, args: &[&str]) -> (Option<i32>, String, std::time::Duration) {
+    let mut cmd = clean_command(&kv_exe());
+    cmd.arg("--cluster").arg(cluster_addrs).arg("--timeout").arg(timeout_s.to_string()).args(args);
+    let start = std::time::Instant::now();
+    let out = run_with_timeout(cmd, std::time::Duration::from_secs(timeout_s + 20))
+        .unwrap_or_else(|e| panic!("kv outlived its --timeout {timeout_s}: {e}"));
+    (out.status.code(), stderr_of(&out), start.elapsed())
+}
+
+/// A paused member (SIGSTOP: its kernel still accepts connections and takes requests,
+/// nothing answers) must not hang a client past its deadline: a write to it ends as an
+/// unknown outcome, a read as unavailable, and a read given the other members too is
+/// answered by them.
+#[test]
+fn t70_a_paused_member_does_not_hang_a_client_past_its_timeout() {
+    const TIMEOUT_S: u64 = 3;
+    let slack = std::time::Duration::from_millis(1500);
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    let leader = c.leader();
+    set_acknowledged(&c.client_addrs(), "k", "before");
+    let paused_addr = c.nodes[leader].client_addr.clone();
+    let others: Vec<String> = (0..3).filter(|&i| i != leader).map(|i| c.nodes[i].client_addr.clone()).collect();
+    {
+        let _paused = Paused::new(&c.nodes[leader]);
+
+        let (code, err, took) = kv_timed(&paused_addr, TIMEOUT_S, &["set", "k", "maybe"]);
+        assert_eq!(code, Some(3), "a write to a paused member may have been applied: {err}");
+        assert!(err.contains("unknown outcome"), "{err}");
+        assert!(took < std::time::Duration::from_secs(TIMEOUT_S) + slack, "took {took:?}");
+
+        let (code, err, took) = kv_timed(&paused_addr, TIMEOUT_S, &["get", "k"]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("unavailable"), "{err}");
+        assert!(took < std::time::Duration::from_secs(TIMEOUT_S) + slack, "took {took:?}");
+
+        // The paused member first: the read moves on to the others, who elect a leader.
+        let all = format!("{paused_addr},{}", others.join(","));
+        let out = kv(&all, &["--timeout", "8", "get", "k"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(stdout_of(&out), "before", "{}", stderr_of(&out));
+    }
+    c.wait_converged();
+}

@@ -21,7 +21,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::proto::{ClientResponse, Code};
 use crate::store::StateMachine;
-use crate::types::{Member, NodeId, Raft, Request, TypeConfig};
+use crate::types::{Member, NodeId, Raft, Request, TypeConfig, MAX_COMMAND_BYTES};
 
 /// Shared state of a running member, handed to every server.
 pub struct App {
@@ -116,8 +116,8 @@ impl Reply {
 
 /// Bounds of one batch: small enough that an AppendEntries of many batches stays a
 /// reasonable frame, large enough to amortise an fsync over many commands.
-const MAX_BATCH_COMMANDS: usize = 1024;
-const MAX_BATCH_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BATCH_COMMANDS: usize = 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// What became of a request. Tells the caller whether the command may have taken effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +236,11 @@ impl App {
         self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
         if self.stopping.load(Ordering::Relaxed) {
             reply.answer(Outcome::Rejected("member is stopping".into()), &self.metrics);
+            return;
+        }
+        if command.len() > MAX_COMMAND_BYTES {
+            let why = format!("command of {} bytes exceeds the limit of {MAX_COMMAND_BYTES} bytes", command.len());
+            reply.answer(Outcome::Rejected(why), &self.metrics);
             return;
         }
         if let Err(mpsc::error::SendError((_, reply))) = self.proposals.send((command, reply)).await {
