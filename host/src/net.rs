@@ -589,7 +589,7 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| crate::types::Entry {
                 log_id: openraft::LogId::new(leader, i as u64 + 1),
-                payload: openraft::EntryPayload::Normal(crate::types::Request { commands: vec![vec![7; n]; 3] }),
+                payload: openraft::EntryPayload::Normal(crate::types::Request::commands(vec![vec![7; n]; 3])),
             })
             .collect();
         AppendEntriesRequest {
