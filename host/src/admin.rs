@@ -230,6 +230,7 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
         raft_addr: req.raft_addr.clone(),
         admin_addr: req.admin_addr.clone(),
         client_addr: req.client_addr.clone(),
+        uid: String::new(),
     };
     let membership = m.membership_config.membership().clone();
     let is_voter = membership.voter_ids().any(|v| v == req.id);

@@ -212,6 +212,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         raft_addr: opts.advertised(&opts.raft_addr),
         admin_addr: opts.advertised(&opts.admin_addr),
         client_addr: opts.advertised(&opts.client_addr),
+        uid: String::new(),
     };
     let app = Arc::new(
         App::new(
