@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::App;
+use crate::identity::PROTOCOL_VERSION;
 use crate::types::{Member, NodeId};
 
 pub const TOKEN_HEADER: &str = "x-cluster-token";
@@ -59,11 +60,17 @@ pub struct MemberStatus {
     pub admin_addr: String,
     pub client_addr: String,
     pub voter: bool,
+    /// The member uid on record; empty for a member that joined before uids existed.
+    pub uid: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub id: NodeId,
+    /// `None` until this member has bootstrapped or been accepted into a cluster.
+    pub cluster_id: Option<String>,
+    pub member_uid: String,
+    pub protocol_version: u32,
     pub state: String,
     pub term: u64,
     pub leader_id: Option<NodeId>,
@@ -98,6 +105,7 @@ fn members(app: &App) -> Vec<MemberStatus> {
             admin_addr: n.admin_addr.clone(),
             client_addr: n.client_addr.clone(),
             voter: voters.contains(id),
+            uid: n.uid.clone(),
         })
         .collect()
 }
@@ -108,6 +116,9 @@ pub async fn current_status(app: &App) -> Result<Status, String> {
     let m = app.raft.metrics().borrow().clone();
     Ok(Status {
         id: app.id,
+        cluster_id: app.identity.cluster().map(str::to_string),
+        member_uid: app.identity.uid.clone(),
+        protocol_version: PROTOCOL_VERSION,
         state: state_name(m.state).to_string(),
         term: m.current_term,
         leader_id: m.current_leader,
@@ -148,7 +159,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// A node's request to become a member. The module hash and the settings digest let the
-/// leader refuse a node that would compute a different state.
+/// leader refuse a node that would compute a different state; the cluster id and member uid
+/// let it refuse a member of another cluster and a process that would take a member's id.
+///
+/// A node not yet bound to a cluster asks without `cluster_id`: once every check passes it
+/// is told the cluster id (202) and nothing else changes. It records the id in `node.json`
+/// and asks again with it; only then is it added, so no entry reaches a node that could
+/// still forget which cluster it belongs to.
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct JoinRequest {
     pub id: NodeId,
@@ -159,6 +176,17 @@ pub struct JoinRequest {
     pub fsm_config_sha256: String,
     #[serde(default)]
     pub learner: bool,
+    /// 0 from a release before versioned joins.
+    #[serde(default)]
+    pub protocol_version: u32,
+    #[serde(default)]
+    pub member_uid: String,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// The joiner has no log: it cannot take the place of a voter, whose acknowledged
+    /// entries it would not hold.
+    #[serde(default)]
+    pub empty_log: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,6 +197,9 @@ pub struct JoinReply {
     /// With 421: the leader's admin address, to retry there.
     #[serde(default)]
     pub leader_admin: Option<String>,
+    /// With 200 and 202: the cluster the joiner belongs to.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 /// Digest of the guest settings, order included (the guest sees them in order).
@@ -185,7 +216,42 @@ pub fn config_sha256(config: &[(String, String)]) -> String {
 
 fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
     let ok = code.is_success();
-    (code, Json(JoinReply { ok, message: message.into(), leader_admin })).into_response()
+    (code, Json(JoinReply { ok, message: message.into(), leader_admin, cluster_id: None })).into_response()
+}
+
+fn accepted(code: StatusCode, message: String, cluster_id: &str) -> Response {
+    let r = JoinReply { ok: true, message, leader_admin: None, cluster_id: Some(cluster_id.to_string()) };
+    (code, Json(r)).into_response()
+}
+
+/// Why node `req.id` may not take its place in `membership`, if it may not.
+fn refuse_existing(req: &JoinRequest, existing: &Member, node: &Member, is_voter: bool) -> Option<String> {
+    let mut why = Vec::new();
+    if !existing.uid.is_empty() && existing.uid != req.member_uid {
+        why.push(format!(
+            "node {} is already a member with member uid {}, and this process has member uid {}: \
+             another process holds that id, or this one lost the data dir it joined with",
+            req.id, existing.uid, req.member_uid
+        ));
+    } else if existing.uid.is_empty() && existing != &(Member { uid: String::new(), ..node.clone() }) {
+        why.push(format!(
+            "node {} joined before member uids existed and this join changes its addresses: \
+             join once from its recorded addresses ({existing}) to record its uid",
+            req.id
+        ));
+    }
+    if is_voter && req.empty_log {
+        why.push(format!(
+            "node {} is a voter and this process has an empty log: a voter that lost its data must be \
+             removed from the cluster before it joins again (removal is not available through the admin \
+             API yet), or its acknowledged entries could be lost",
+            req.id
+        ));
+    }
+    if is_voter && req.learner {
+        why.push(format!("node {} is a voter; --learner cannot demote it (demotion is not available yet)", req.id));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
@@ -193,6 +259,20 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
         Ok(r) => r,
         Err(e) => return reply(StatusCode::BAD_REQUEST, format!("malformed join request: {e}"), None),
     };
+    if req.protocol_version != PROTOCOL_VERSION {
+        return reply(
+            StatusCode::CONFLICT,
+            format!(
+                "protocol version mismatch: node {} speaks version {}, this cluster speaks version {PROTOCOL_VERSION} \
+                 (members must run the same release)",
+                req.id, req.protocol_version
+            ),
+            None,
+        );
+    }
+    if req.member_uid.is_empty() {
+        return reply(StatusCode::BAD_REQUEST, "malformed join request: no member_uid", None);
+    }
     if !app.token.is_empty() {
         let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !crate::net::same_secret(given.as_bytes(), app.token.as_bytes()) {
@@ -221,6 +301,21 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
             None,
         );
     }
+    let Some(cluster_id) = app.identity.cluster().map(str::to_string) else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "this node is not a member of a cluster yet", None);
+    };
+    if let Some(theirs) = req.cluster_id.as_deref().filter(|c| *c != cluster_id) {
+        tracing::warn!(node = req.id, theirs, "join refused: another cluster");
+        return reply(
+            StatusCode::CONFLICT,
+            format!(
+                "cluster id mismatch: node {} belongs to cluster {theirs}, this is cluster {cluster_id}; \
+                 a member of one cluster cannot join another",
+                req.id
+            ),
+            None,
+        );
+    }
     let m = app.raft.metrics().borrow().clone();
     if m.current_leader != Some(app.id) {
         let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
@@ -230,13 +325,28 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
         raft_addr: req.raft_addr.clone(),
         admin_addr: req.admin_addr.clone(),
         client_addr: req.client_addr.clone(),
+        uid: req.member_uid.clone(),
     };
     let membership = m.membership_config.membership().clone();
     let is_voter = membership.voter_ids().any(|v| v == req.id);
-    match membership.get_node(&req.id) {
+    let existing = membership.get_node(&req.id);
+    if let Some(why) = existing.and_then(|e| refuse_existing(&req, e, &node, is_voter)) {
+        tracing::warn!(node = req.id, uid = %req.member_uid, %why, "join refused");
+        return reply(StatusCode::CONFLICT, why, None);
+    }
+    if req.cluster_id.is_none() {
+        // Bound to this cluster from now on; it asks again, and is added then.
+        tracing::info!(node = req.id, uid = %req.member_uid, "join accepted; telling the node its cluster id");
+        return accepted(
+            StatusCode::ACCEPTED,
+            format!("node {} may join cluster {cluster_id}; ask again with the cluster id", req.id),
+            &cluster_id,
+        );
+    }
+    match existing {
         Some(existing) if *existing == node => {}
         Some(_) => {
-            tracing::info!(node = req.id, %node, "member changed its addresses");
+            tracing::info!(node = req.id, %node, "member changed its addresses or recorded its uid");
             let change = ChangeMembers::SetNodes(BTreeMap::from([(req.id, node.clone())]));
             if let Err(e) = app.raft.change_membership(change, false).await {
                 return membership_error(&app, &e);
@@ -244,24 +354,51 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
         }
         None => {
             tracing::info!(node = req.id, %node, "adding learner");
-            // Blocking: returns once the learner has caught up, so promoting it next does
-            // not stall commits behind a slow new voter.
-            match tokio::time::timeout(Duration::from_secs(120), app.raft.add_learner(req.id, node.clone(), true)).await
-            {
-                Err(_) => return reply(StatusCode::SERVICE_UNAVAILABLE, "learner still catching up; retry", None),
-                Ok(Err(e)) => return membership_error(&app, &e),
-                Ok(Ok(_)) => {}
+            if let Err(e) = app.raft.add_learner(req.id, node.clone(), false).await {
+                return membership_error(&app, &e);
             }
         }
     }
     if !req.learner && !is_voter {
+        // Promoting a learner that lags would stall commits behind it; it is checked on
+        // every join, since a retried or concurrent one may find the learner already added.
+        if let Err(r) = caught_up(&app, req.id, Duration::from_secs(120)).await {
+            return r;
+        }
         tracing::info!(node = req.id, "promoting to voter");
         let change = ChangeMembers::AddVoterIds(BTreeSet::from([req.id]));
         if let Err(e) = app.raft.change_membership(change, false).await {
             return membership_error(&app, &e);
         }
     }
-    reply(StatusCode::OK, format!("node {} is a member", req.id), None)
+    accepted(StatusCode::OK, format!("node {} is a member of cluster {cluster_id}", req.id), &cluster_id)
+}
+
+/// Waits until this leader has replicated to `id` within openraft's replication lag
+/// threshold of its last log index (openraft's own test before it calls a learner caught up).
+async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result<(), Response> {
+    let threshold = app.raft.config().replication_lag_threshold;
+    let done = app
+        .raft
+        .wait(Some(within))
+        .metrics(
+            |m| {
+                // Nothing matched yet: the learner has not answered once, it may not be reachable.
+                let matched = m.replication.as_ref().and_then(|r| r.get(&id)).and_then(|l| l.as_ref()).map(|l| l.index);
+                m.state != ServerState::Leader
+                    || matched.is_some_and(|i| i + threshold >= m.last_log_index.unwrap_or(0))
+            },
+            "learner to catch up",
+        )
+        .await;
+    match done {
+        Ok(m) if m.state == ServerState::Leader => Ok(()),
+        Ok(m) => {
+            let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
+            Err(reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin))
+        }
+        Err(_) => Err(reply(StatusCode::SERVICE_UNAVAILABLE, "learner still catching up; retry", None)),
+    }
 }
 
 fn membership_error(app: &App, e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Response {
@@ -346,6 +483,58 @@ mod tests {
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_response(chunked).expect("parse"), (200, "abcde".to_string()));
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    fn joiner(uid: &str, empty_log: bool, learner: bool) -> (JoinRequest, Member) {
+        let req = JoinRequest {
+            id: 3,
+            raft_addr: "r3".into(),
+            admin_addr: "a3".into(),
+            client_addr: "c3".into(),
+            fsm_sha256: String::new(),
+            fsm_config_sha256: String::new(),
+            learner,
+            protocol_version: PROTOCOL_VERSION,
+            member_uid: uid.into(),
+            cluster_id: None,
+            empty_log,
+        };
+        let node = Member {
+            raft_addr: req.raft_addr.clone(),
+            admin_addr: req.admin_addr.clone(),
+            client_addr: req.client_addr.clone(),
+            uid: uid.into(),
+        };
+        (req, node)
+    }
+
+    #[test]
+    fn a_members_id_is_kept_from_other_processes_and_a_voter_from_an_empty_log() {
+        let (req, node) = joiner("u1", false, false);
+        let on_record = node.clone();
+        assert_eq!(refuse_existing(&req, &on_record, &node, true), None, "the member itself");
+        let moved = Member { raft_addr: "elsewhere".into(), ..node.clone() };
+        assert_eq!(refuse_existing(&req, &moved, &node, true), None, "same uid: new addresses are taken");
+
+        let (other, other_node) = joiner("u2", false, false);
+        let why = refuse_existing(&other, &on_record, &other_node, false).expect("another process");
+        assert!(why.contains("member uid u1") && why.contains("member uid u2"), "{why}");
+
+        let (empty, empty_node) = joiner("u1", true, false);
+        let why = refuse_existing(&empty, &on_record, &empty_node, true).expect("an empty voter");
+        assert!(why.contains("empty log") && why.contains("removed"), "{why}");
+        assert_eq!(refuse_existing(&empty, &on_record, &empty_node, false), None, "a learner catching up");
+
+        let (learner, learner_node) = joiner("u1", false, true);
+        let why = refuse_existing(&learner, &on_record, &learner_node, true).expect("--learner for a voter");
+        assert!(why.contains("cannot demote"), "{why}");
+
+        // On record from before uids: its uid is recorded from its own addresses only.
+        let legacy = Member { uid: String::new(), ..node.clone() };
+        assert_eq!(refuse_existing(&req, &legacy, &node, true), None);
+        let legacy_moved = Member { raft_addr: "elsewhere".into(), ..legacy };
+        let why = refuse_existing(&req, &legacy_moved, &node, true).expect("legacy, other addresses");
+        assert!(why.contains("before member uids"), "{why}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! - [`node`]: start-up (inputs, storage, Raft, servers, bootstrap or join) and shutdown.
 //! - [`types`]: the openraft type configuration (what an entry carries).
+//! - [`identity`]: cluster id and member uid (`node.json`), and the checks on peer hellos.
 //! - [`store`]: the durable log (`store::log`) and the guest-backed state machine
 //!   (`store::sm`, a worker thread owning the guest instance and the snapshots).
 //! - [`fsm`]: the wasmtime engine, deterministic configuration, and guest instances.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod fsm;
+pub mod identity;
 pub mod lease;
 pub mod memprof;
 pub mod metrics;

@@ -6,7 +6,9 @@
 //! every leadership check (each linearizable read round) and election, so connections are
 //! returned to a per-address pool when a client is dropped: without it every read round
 //! cost a TCP connect, a hello and an accept per follower.
-//! The first frame proves membership when a cluster token is set.
+//! The first frame proves membership when a cluster token is set, and names the cluster
+//! and the members at both ends (see `identity`): a member of another cluster, or another
+//! process at a member's address, is refused by whichever end notices first, and both log it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{MAX_BATCH_BYTES, MAX_BATCH_COMMANDS};
 use crate::codec::{read_frame, read_frame_within, write_frame, FrameError, Timeouts};
+use crate::identity::{Hello, Identity};
 use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
 use crate::store::Durable;
@@ -39,6 +42,7 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftErro
 pub struct Network {
     id: NodeId,
     token: String,
+    me: Arc<Identity>,
     idle: Pool,
     lease: Arc<Lease>,
     /// Bounds the commit index sent to followers (see `store::durable`).
@@ -46,8 +50,8 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn new(id: NodeId, token: String, lease: Arc<Lease>, durable: Durable) -> Self {
-        Network { id, token, idle: Pool::default(), lease, durable }
+    pub fn new(me: Arc<Identity>, token: String, lease: Arc<Lease>, durable: Durable) -> Self {
+        Network { id: me.node, token, me, idle: Pool::default(), lease, durable }
     }
 }
 
@@ -104,7 +108,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             id: self.id,
             target,
             addr: node.raft_addr.clone(),
+            target_uid: node.uid.clone(),
             token: self.token.clone(),
+            me: self.me.clone(),
             conn: None,
             reused: false,
             in_call: false,
@@ -120,7 +126,10 @@ pub struct PeerClient {
     id: NodeId,
     target: NodeId,
     addr: String,
+    /// The target's member uid on record: the hello asks for that process and no other.
+    target_uid: String,
     token: String,
+    me: Arc<Identity>,
     conn: Option<BufStream<TcpStream>>,
     /// `conn` came from the pool or has carried a call: the peer may have closed it since.
     reused: bool,
@@ -172,7 +181,8 @@ impl PeerClient {
                 .map_err(|e| Transport::Unreachable(format!("connect {}: {e}", self.addr)))?;
             let _ = stream.set_nodelay(true);
             let mut stream = BufStream::new(stream);
-            let hello = PeerHello { token: self.token.clone(), from: self.id };
+            let hello = self.me.hello_to(self.target, &self.target_uid).map_err(Transport::Unreachable)?;
+            let hello = PeerHello { token: self.token.clone(), ..to_proto(&hello) };
             let req =
                 PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() };
             write_frame(&mut stream, &req)
@@ -181,8 +191,20 @@ impl PeerClient {
             let resp: PeerResponse = read_frame(&mut stream, HELLO_MAX_FRAME, &mut self.buf)
                 .await
                 .map_err(|e| Transport::Unreachable(format!("hello to {}: {e}", self.addr)))?;
-            if !resp.refused.is_empty() {
-                return Err(Transport::Unreachable(format!("{} refused us: {}", self.addr, resp.refused)));
+            let answer = if resp.refused.is_empty() {
+                <PeerHello as prost::Message>::decode(resp.payload.as_slice())
+                    .map_err(|e| format!("malformed answer to our hello: {e}"))
+                    .and_then(|h| self.me.admit(&from_proto(&h), Some((self.target, &self.target_uid))))
+                    .map_err(|why| format!("refused {} at {}: {why}", self.target, self.addr))
+            } else {
+                Err(format!("node {} at {} refused us: {}", self.target, self.addr, resp.refused))
+            };
+            if let Err(why) = answer {
+                if REFUSED_BY_PEERS.ready() {
+                    tracing::warn!(target = self.target, addr = %self.addr, %why,
+                        "peer connection refused (further refusals for 10 s are not logged)");
+                }
+                return Err(Transport::Unreachable(why));
             }
             self.conn = Some(stream);
             self.reused = false;
@@ -345,13 +367,14 @@ fn prefix_within(header: u64, sizes: &[u64], budget: u64) -> usize {
 }
 
 /// Accept peer connections until the listener is dropped with the task.
-pub async fn serve(listener: TcpListener, raft: Raft, token: String, lease: Arc<Lease>) {
+pub async fn serve(listener: TcpListener, raft: Raft, token: String, lease: Arc<Lease>, me: Arc<Identity>) {
     accept_loop(listener, "raft", MAX_PEER_CONNECTIONS, move |stream| {
         let raft = raft.clone();
         let token = token.clone();
         let lease = lease.clone();
+        let me = me.clone();
         async move {
-            if let Err(e) = serve_conn(stream, &raft, &token, &lease).await {
+            if let Err(e) = serve_conn(stream, &raft, &token, &lease, &me).await {
                 tracing::debug!(error = %e, "peer connection closed");
             }
         }
@@ -429,25 +452,69 @@ pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 static REFUSED_PEERS: std::sync::LazyLock<Every> = std::sync::LazyLock::new(|| Every::new(Duration::from_secs(10)));
+static REFUSED_BY_PEERS: std::sync::LazyLock<Every> = std::sync::LazyLock::new(|| Every::new(Duration::from_secs(10)));
 
-async fn serve_conn(stream: TcpStream, raft: &Raft, token: &str, lease: &Lease) -> Result<(), FrameError> {
+fn to_proto(h: &Hello) -> PeerHello {
+    PeerHello {
+        token: String::new(),
+        from: h.from,
+        version: h.version,
+        cluster_id: h.cluster_id.clone(),
+        from_uid: h.from_uid.clone(),
+        to: h.to,
+        to_uid: h.to_uid.clone(),
+    }
+}
+
+fn from_proto(h: &PeerHello) -> Hello {
+    Hello {
+        version: h.version,
+        cluster_id: h.cluster_id.clone(),
+        from: h.from,
+        from_uid: h.from_uid.clone(),
+        to: h.to,
+        to_uid: h.to_uid.clone(),
+    }
+}
+
+/// The answer to a peer's hello: ours, addressed to it, or why it is refused.
+fn answer_hello(req: &PeerRequest, token: &str, me: &Identity) -> Result<PeerHello, String> {
+    if req.kind != PeerKind::Hello as i32 {
+        return Err("expected a hello frame first".into());
+    }
+    let hello =
+        <PeerHello as prost::Message>::decode(req.payload.as_ref()).map_err(|e| format!("malformed hello: {e}"))?;
+    if !same_secret(hello.token.as_bytes(), token.as_bytes()) {
+        return Err("wrong cluster token".into());
+    }
+    let theirs = from_proto(&hello);
+    me.admit(&theirs, None)?;
+    me.hello_to(theirs.from, &theirs.from_uid).map(|h| to_proto(&h))
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    raft: &Raft,
+    token: &str,
+    lease: &Lease,
+    me: &Identity,
+) -> Result<(), FrameError> {
     let peer = stream.peer_addr().ok();
     let mut stream = BufStream::new(stream);
     let mut buf = Vec::new();
     let hello: PeerRequest = read_frame_within(&mut stream, HELLO_MAX_FRAME, &mut buf, HELLO_TIMEOUTS).await?;
-    let ok = hello.kind == PeerKind::Hello as i32
-        && <PeerHello as prost::Message>::decode(hello.payload.as_ref())
-            .is_ok_and(|h| same_secret(h.token.as_bytes(), token.as_bytes()));
-    if !ok {
-        let refused =
-            if hello.kind == PeerKind::Hello as i32 { "wrong cluster token" } else { "expected a hello frame first" };
-        if REFUSED_PEERS.ready() {
-            tracing::warn!(refused, ?peer, "refused a peer connection (further refusals for 10 s are not logged)");
+    let ours = match answer_hello(&hello, token, me) {
+        Ok(ours) => ours,
+        Err(refused) => {
+            if REFUSED_PEERS.ready() {
+                tracing::warn!(%refused, ?peer, "refused a peer connection (further refusals for 10 s are not logged)");
+            }
+            write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused }).await?;
+            return Ok(());
         }
-        write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused: refused.into() }).await?;
-        return Ok(());
-    }
-    write_frame(&mut stream, &PeerResponse::default()).await?;
+    };
+    write_frame(&mut stream, &PeerResponse { payload: prost::Message::encode_to_vec(&ours), refused: String::new() })
+        .await?;
     loop {
         let req: PeerRequest = read_frame_within(&mut stream, PEER_MAX_FRAME, &mut buf, PEER_TIMEOUTS).await?;
         let resp = match dispatch(raft, lease, &req).await {
@@ -503,8 +570,10 @@ mod tests {
                 tokio::spawn(async move {
                     let mut stream = BufStream::new(stream);
                     let mut buf = Vec::new();
-                    let _hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
-                    write_frame(&mut stream, &PeerResponse::default()).await?;
+                    let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
+                    let ours = answer_hello(&hello, "", &identity(2)).expect("hello from node 1");
+                    let payload = prost::Message::encode_to_vec(&ours);
+                    write_frame(&mut stream, &PeerResponse { payload, refused: String::new() }).await?;
                     let mut first_req = true;
                     loop {
                         let req: PeerRequest = read_frame(&mut stream, PEER_MAX_FRAME, &mut buf).await?;
@@ -529,17 +598,44 @@ mod tests {
 
     const LATE: Duration = Duration::from_millis(400);
     const GIVE_UP: Duration = Duration::from_millis(200);
+    const CLUSTER: &str = "0123456789abcdef0123456789abcdef";
+
+    fn identity(node: NodeId) -> Identity {
+        Identity::new(node, format!("{node:032x}"), Some(CLUSTER.into()))
+    }
 
     fn vote(term: u64) -> VoteRequest<NodeId> {
         VoteRequest::new(Vote::new(term, 1), None)
+    }
+
+    fn hello_request(from: &Identity, to: &Identity, token: &str) -> PeerRequest {
+        let hello = PeerHello { token: token.into(), ..to_proto(&from.hello_to(to.node, &to.uid).expect("admitted")) };
+        PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() }
+    }
+
+    #[test]
+    fn a_hello_is_answered_only_for_our_cluster_member_and_token() {
+        let (one, two) = (identity(1), identity(2));
+        let answer = answer_hello(&hello_request(&one, &two, "t"), "t", &two).expect("accepted");
+        assert_eq!((answer.from, answer.to, answer.token.as_str()), (2, 1, ""), "addressed back, no token");
+        assert_eq!(one.admit(&from_proto(&answer), Some((2, &two.uid))), Ok(()));
+
+        let refused = |req: &PeerRequest, me: &Identity| answer_hello(req, "t", me).expect_err("refused");
+        assert!(refused(&hello_request(&one, &two, "x"), &two).contains("token"));
+        let impostor = Identity::new(2, two.uid.clone(), Some(crate::identity::random_id()));
+        assert!(refused(&hello_request(&one, &two, "t"), &impostor).contains("cluster id mismatch"));
+        let other = identity(3);
+        assert!(refused(&hello_request(&one, &two, "t"), &other).contains("wrong member"));
+        let vote = PeerRequest { kind: PeerKind::Vote as i32, payload: Default::default() };
+        assert!(refused(&vote, &two).contains("hello frame first"));
     }
 
     #[tokio::test]
     async fn a_connection_cut_off_mid_call_is_never_reused_and_a_healthy_one_is() {
         let (addr, accepted) = peer().await;
         let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
-        let mut network = Network::new(1, String::new(), lease, Durable::new(None));
-        let member = Member { raft_addr: addr, ..Default::default() };
+        let mut network = Network::new(Arc::new(identity(1)), String::new(), lease, Durable::new(None));
+        let member = Member { raft_addr: addr, uid: identity(2).uid, ..Default::default() };
         let option = RPCOption::new(Duration::from_secs(5));
 
         // The caller gives up while the response is outstanding (openraft drops the
@@ -570,7 +666,7 @@ mod tests {
     async fn a_call_dropped_mid_flight_leaves_no_answer_for_the_next_call() {
         let (addr, accepted) = peer().await;
         let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
-        let mut network = Network::new(1, String::new(), lease, Durable::new(None));
+        let mut network = Network::new(Arc::new(identity(1)), String::new(), lease, Durable::new(None));
         let member = Member { raft_addr: addr, ..Default::default() };
         let option = RPCOption::new(Duration::from_secs(5));
 

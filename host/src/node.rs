@@ -7,14 +7,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::storage::RaftLogStorage;
 use openraft::{Config, SnapshotPolicy};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::admin::{self, config_sha256, JoinReply, JoinRequest};
 use crate::api::{self, App};
 use crate::config::Opts;
 use crate::fsm::{GuestModule, Limits, LoadError};
+use crate::identity::{self, Identity, NodeFile, PROTOCOL_VERSION};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::net::{self, Network};
@@ -45,57 +46,6 @@ impl StartError {
     }
 }
 
-/// What a data dir was created for: a restart with another id or guest would silently
-/// become a different member.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct Identity {
-    id: u64,
-    fsm_sha256: String,
-    fsm_config_sha256: String,
-}
-
-fn check_identity(dir: &Path, ours: &Identity) -> Result<bool, StartError> {
-    let path = dir.join("node.json");
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let theirs: Identity = serde_json::from_slice(&bytes)
-                .map_err(|e| StartError::Input(format!("{}: unreadable: {e}", path.display())))?;
-            if theirs.id != ours.id {
-                return Err(StartError::Input(format!(
-                    "{} belongs to node {}, not node {}",
-                    dir.display(),
-                    theirs.id,
-                    ours.id
-                )));
-            }
-            if theirs.fsm_sha256 != ours.fsm_sha256 {
-                return Err(StartError::Input(format!(
-                    "{} holds state of guest sha256 {}; --fsm is sha256 {} (a member cannot change its guest)",
-                    dir.display(),
-                    theirs.fsm_sha256,
-                    ours.fsm_sha256
-                )));
-            }
-            if theirs.fsm_config_sha256 != ours.fsm_config_sha256 {
-                return Err(StartError::Input(format!(
-                    "{} was created with other --fsm-config settings; a member cannot change them",
-                    dir.display()
-                )));
-            }
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StartError::Input(format!("cannot create {}: {e}", dir.display())))?;
-            let json = serde_json::to_vec_pretty(ours).map_err(anyhow::Error::from)?;
-            crate::store::log::write_file_durably(&path, &json)
-                .map_err(|e| StartError::Input(format!("cannot write {}: {e}", path.display())))?;
-            Ok(false)
-        }
-        Err(e) => Err(StartError::Input(format!("cannot read {}: {e}", path.display()))),
-    }
-}
-
 async fn bind(addr: &str, what: &str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr).await.map_err(|e| StartError::Input(format!("cannot listen on {addr} ({what}): {e}")))
 }
@@ -110,12 +60,19 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     let token = opts.token().map_err(StartError::Input)?;
     let module = Arc::new(GuestModule::load(&opts.fsm, limits)?);
     let data_dir = opts.data_dir();
-    let identity = Identity {
+    let node_file = NodeFile {
         id: opts.id,
         fsm_sha256: module.sha256().to_string(),
         fsm_config_sha256: config_sha256(&opts.fsm_config),
+        cluster_id: None,
+        member_uid: None,
     };
-    let existing = check_identity(&data_dir, &identity)?;
+    // Nothing is written here: a start that fails before it bootstraps or joins must leave
+    // the data dir as fresh as it found it.
+    let found = identity::read(&data_dir).map_err(StartError::Input)?;
+    if let Some(f) = &found {
+        identity::check_same_node(&data_dir, f, &node_file).map_err(StartError::Input)?;
+    }
 
     // Ports before anything slow, so a clash is reported at once.
     let raft_l = bind(&opts.raft_addr, "raft").await?;
@@ -151,10 +108,38 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         ),
         None => None,
     };
-    let log = LogStore::open(&data_dir.join("log"), !opts.no_fsync)
+    let mut log = LogStore::open(&data_dir.join("log"), !opts.no_fsync)
         .and_then(|log| log.leader_writes_ahead(opts.id))
         .map(LogStore::purge_behind_snapshots)
         .map_err(|e| anyhow::anyhow!("opening the log in {}: {e}", data_dir.display()))?;
+    // What openraft counts as initialized: any entry (purged ones included) or a vote.
+    let has_log = log.get_log_state().await.map_err(|e| anyhow::anyhow!("{e}"))?.last_log_id.is_some()
+        || log.read_vote().await.map_err(|e| anyhow::anyhow!("{e}"))?.is_some_and(|v| v != Default::default());
+    let resolved = identity::resolve(found.as_ref(), has_log, &data_dir).map_err(StartError::Input)?;
+    if resolved.rewrite {
+        tracing::info!(cluster = ?resolved.cluster_id, uid = %resolved.member_uid,
+            "node.json predates cluster ids and member uids; recording them");
+        let file = NodeFile {
+            cluster_id: resolved.cluster_id.clone(),
+            member_uid: Some(resolved.member_uid.clone()),
+            ..node_file.clone()
+        };
+        identity::write(&data_dir, &file).map_err(StartError::Input)?;
+    }
+    let me = Arc::new(Identity::new(opts.id, resolved.member_uid.clone(), resolved.cluster_id.clone()));
+    if !has_log && opts.join.is_empty() {
+        if let Some(cluster) = &resolved.cluster_id {
+            // Bound to a cluster, with nothing of it: founding another would take its
+            // id; only the cluster can give this member its log.
+            return Err(StartError::Input(format!(
+                "{} belongs to cluster {cluster} but holds no log: it was accepted into the cluster and \
+                 stopped before receiving anything (start it with --join to finish joining), or its log \
+                 was lost (then it must be removed and replaced); if it was founding the cluster when it \
+                 stopped, remove the data dir and start again",
+                data_dir.display()
+            )));
+        }
+    }
     let sm = StateMachine::open(
         &data_dir.join("snapshots"),
         GuestSpec {
@@ -190,7 +175,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         Duration::from_millis(config.election_timeout_min),
         Duration::from_millis(config.election_timeout_max),
     ));
-    let network = Network::new(opts.id, token.clone(), lease.clone(), log.durable());
+    let network = Network::new(me.clone(), token.clone(), lease.clone(), log.durable());
     let raft = Raft::new(opts.id, Arc::new(config), network, log, sm.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting raft: {e}"))?;
@@ -208,14 +193,15 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         }));
     }
 
-    let me = Member {
+    let member = Member {
         raft_addr: opts.advertised(&opts.raft_addr),
         admin_addr: opts.advertised(&opts.admin_addr),
         client_addr: opts.advertised(&opts.client_addr),
+        uid: me.uid.clone(),
     };
     let app = Arc::new(
         App::new(
-            opts.id,
+            me.clone(),
             raft.clone(),
             sm,
             metrics,
@@ -231,7 +217,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     );
 
     tasks.extend([
-        tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone(), lease)),
+        tokio::spawn(net::serve(raft_l, raft.clone(), app.token.clone(), lease, me.clone())),
         tokio::spawn(api::binary::serve(client_l, app.clone())),
         tokio::spawn(admin::serve(admin_l, app.clone())),
     ]);
@@ -240,19 +226,17 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         tasks.push(tokio::spawn(api::text::serve(l, app.clone())));
     }
 
-    let initialized = raft.is_initialized().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !initialized && opts.join.is_empty() {
-        if existing {
-            // A node that bootstraps records its membership at once, so this one was
-            // started to join and never got in: bootstrapping now would split the cluster.
+    if !has_log && opts.join.is_empty() {
+        let cluster = identity::random_id();
+        tracing::info!(id = opts.id, %cluster, uid = %me.uid, "bootstrapping a one-node cluster");
+        let file =
+            NodeFile { cluster_id: Some(cluster.clone()), member_uid: Some(me.uid.clone()), ..node_file.clone() };
+        let bound = identity::write(&data_dir, &file).and_then(|()| me.set_cluster(&cluster));
+        if let Err(why) = bound {
             raft.shutdown().await.ok();
-            return Err(StartError::Input(format!(
-                "{} belongs to a node that has not joined a cluster yet; start it with --join",
-                data_dir.display()
-            )));
+            return Err(StartError::Input(why));
         }
-        tracing::info!(id = opts.id, "bootstrapping a one-node cluster");
-        raft.initialize(BTreeMap::from([(opts.id, me.clone())]))
+        raft.initialize(BTreeMap::from([(opts.id, member.clone())]))
             .await
             .map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?;
     }
@@ -260,17 +244,33 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     if !opts.join.is_empty() {
         let req = JoinRequest {
             id: opts.id,
-            raft_addr: me.raft_addr.clone(),
-            admin_addr: me.admin_addr.clone(),
-            client_addr: me.client_addr.clone(),
-            fsm_sha256: module.sha256().to_string(),
-            fsm_config_sha256: identity.fsm_config_sha256.clone(),
+            raft_addr: member.raft_addr.clone(),
+            admin_addr: member.admin_addr.clone(),
+            client_addr: member.client_addr.clone(),
+            fsm_sha256: node_file.fsm_sha256.clone(),
+            fsm_config_sha256: node_file.fsm_config_sha256.clone(),
             learner: opts.learner,
+            protocol_version: PROTOCOL_VERSION,
+            member_uid: me.uid.clone(),
+            cluster_id: me.cluster().map(str::to_string),
+            empty_log: !has_log,
         };
         let token = app.token.clone();
         let seeds = opts.join.clone();
+        let (me, dir) = (me.clone(), data_dir.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(why) = join_cluster(&seeds, &req, &token).await {
+            // Binds this member to the cluster that accepted it, durably, before it asks
+            // to be added (see `admin::JoinRequest`).
+            let bind = |cluster: &str| {
+                let file = NodeFile {
+                    cluster_id: Some(cluster.to_string()),
+                    member_uid: Some(me.uid.clone()),
+                    ..node_file.clone()
+                };
+                identity::write(&dir, &file)?;
+                me.set_cluster(cluster)
+            };
+            if let Err(why) = join_cluster(&seeds, req, &token, bind).await {
                 let _ = fatal_tx.send(why).await;
             }
         }));
@@ -332,9 +332,16 @@ async fn raft_stopped(raft: &Raft) -> String {
 }
 
 /// Ask the seeds to add us until one (or the leader it points to) accepts. A refusal that
-/// retrying cannot fix (another guest, wrong token) is returned as an error.
-async fn join_cluster(seeds: &[String], req: &JoinRequest, token: &str) -> Result<(), String> {
-    let body = serde_json::to_string(req).map_err(|e| e.to_string())?;
+/// retrying cannot fix (another guest, another cluster, a member's id, wrong token) is
+/// returned as an error. `bind` records the cluster id the leader gives a node that has
+/// none, before it asks to be added.
+async fn join_cluster(
+    seeds: &[String],
+    mut req: JoinRequest,
+    token: &str,
+    bind: impl Fn(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut body = serde_json::to_string(&req).map_err(|e| e.to_string())?;
     let mut backoff = Duration::from_millis(100);
     let mut next: Option<String> = None;
     let mut i = 0usize;
@@ -344,16 +351,30 @@ async fn join_cluster(seeds: &[String], req: &JoinRequest, token: &str) -> Resul
             seeds[(i - 1) % seeds.len()].clone()
         });
         match admin::post_json(&addr, "/join", token, &body, Duration::from_secs(150)).await {
-            Ok((200, _)) => {
-                tracing::info!(via = %addr, "joined the cluster");
-                return Ok(());
-            }
             Ok((code, text)) => {
                 let r: Option<JoinReply> = serde_json::from_str(&text).ok();
                 let msg = r.as_ref().map_or(text.clone(), |r| r.message.clone());
-                match code {
-                    401 | 409 | 400 => return Err(format!("{addr} refused to add this node: {msg}")),
-                    421 => next = r.and_then(|r| r.leader_admin),
+                let given = r.as_ref().and_then(|r| r.cluster_id.clone());
+                match (code, given) {
+                    (200, given) => {
+                        if let (Some(given), Some(ours)) = (given, &req.cluster_id) {
+                            if given != *ours {
+                                return Err(format!("{addr} answered for cluster {given}, not {ours}"));
+                            }
+                        }
+                        tracing::info!(via = %addr, cluster = ?req.cluster_id, "joined the cluster");
+                        return Ok(());
+                    }
+                    (202, Some(cluster)) if req.cluster_id.is_none() => {
+                        bind(&cluster).map_err(|why| format!("cannot record cluster id {cluster}: {why}"))?;
+                        tracing::info!(via = %addr, %cluster, "accepted into the cluster; asking to be added");
+                        req.cluster_id = Some(cluster);
+                        body = serde_json::to_string(&req).map_err(|e| e.to_string())?;
+                        next = Some(addr);
+                        continue;
+                    }
+                    (401 | 409 | 400, _) => return Err(format!("{addr} refused to add this node: {msg}")),
+                    (421, _) => next = r.and_then(|r| r.leader_admin),
                     _ => tracing::info!(via = %addr, code, %msg, "join not done yet; retrying"),
                 }
             }

@@ -64,13 +64,28 @@ pub enum Code {
     BadRequest = 5,
 }
 
-/// First frame on a peer connection: proves membership when `--cluster-token` is set.
+/// First frame on a peer connection: proves membership when `--cluster-token` is set, and
+/// says which cluster and member the caller is and which member it means to reach. The
+/// answer to an accepted hello carries the answering member's own (without the token), so
+/// both ends know they reached the member they meant.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PeerHello {
     #[prost(string, tag = "1")]
     pub token: String,
     #[prost(uint64, tag = "2")]
     pub from: u64,
+    /// 0 from a release before versioned hellos.
+    #[prost(uint32, tag = "3")]
+    pub version: u32,
+    #[prost(string, tag = "4")]
+    pub cluster_id: String,
+    #[prost(string, tag = "5")]
+    pub from_uid: String,
+    #[prost(uint64, tag = "6")]
+    pub to: u64,
+    /// The addressee's member uid as the sender has it on record; empty if none.
+    #[prost(string, tag = "7")]
+    pub to_uid: String,
 }
 
 /// A peer RPC: `payload` is the bincode of the openraft request (AppendEntries, Vote,

@@ -8,17 +8,142 @@ use serde::{Deserialize, Serialize};
 /// Node ids are plain integers, as given by `--id`.
 pub type NodeId = u64;
 
-/// What the cluster knows about a member: the addresses others use to reach it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What the cluster knows about a member: the addresses others use to reach it, and the
+/// uid of the process (data dir) that holds the id, so that no other can take its place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Member {
     pub raft_addr: String,
     pub admin_addr: String,
     pub client_addr: String,
+    /// Empty for a member that joined before member uids existed: not checked.
+    pub uid: String,
 }
 
 impl fmt::Display for Member {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "raft={} admin={} client={}", self.raft_addr, self.admin_addr, self.client_addr)
+        write!(f, "raft={} admin={} client={}", self.raft_addr, self.admin_addr, self.client_addr)?;
+        if !self.uid.is_empty() {
+            write!(f, " uid={}", self.uid)?;
+        }
+        Ok(())
+    }
+}
+
+/// `Member` travels and is stored in bincode (log entries, snapshot metas, AppendEntries),
+/// which has no field names and no way to skip a missing field: a `#[serde(default)]` field
+/// would misread every membership written before it. Members written before uids were
+/// three strings, each a u64 length then its bytes; now the record starts with a length no
+/// string can have ([`member_serde::TAGGED`]), then the four fields. Self-describing formats
+/// get a plain struct whose `uid` defaults to empty.
+mod member_serde {
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+    use serde::ser::SerializeTuple;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Member;
+
+    pub(super) const TAGGED: u64 = u64::MAX;
+
+    #[derive(Serialize, Deserialize)]
+    struct Named {
+        raft_addr: String,
+        admin_addr: String,
+        client_addr: String,
+        #[serde(default)]
+        uid: String,
+    }
+
+    impl Serialize for Member {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            if s.is_human_readable() {
+                return Named {
+                    raft_addr: self.raft_addr.clone(),
+                    admin_addr: self.admin_addr.clone(),
+                    client_addr: self.client_addr.clone(),
+                    uid: self.uid.clone(),
+                }
+                .serialize(s);
+            }
+            let mut t = s.serialize_tuple(5)?;
+            t.serialize_element(&TAGGED)?;
+            t.serialize_element(&self.raft_addr)?;
+            t.serialize_element(&self.admin_addr)?;
+            t.serialize_element(&self.client_addr)?;
+            t.serialize_element(&self.uid)?;
+            t.end()
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Member {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            if d.is_human_readable() {
+                let n = Named::deserialize(d)?;
+                return Ok(Member {
+                    raft_addr: n.raft_addr,
+                    admin_addr: n.admin_addr,
+                    client_addr: n.client_addr,
+                    uid: n.uid,
+                });
+            }
+            d.deserialize_tuple(5, Compact)
+        }
+    }
+
+    struct Compact;
+
+    impl<'de> Visitor<'de> for Compact {
+        type Value = Member;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a member")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Member, A::Error> {
+            let missing = || de::Error::custom("truncated member");
+            let head: u64 = seq.next_element()?.ok_or_else(missing)?;
+            let raft_addr = if head == TAGGED {
+                seq.next_element()?.ok_or_else(missing)?
+            } else {
+                // `head` was the length of the first address of an old record.
+                let len = usize::try_from(head).map_err(|_| de::Error::custom("address too long"))?;
+                let bytes = seq.next_element_seed(RawBytes(len))?.ok_or_else(missing)?;
+                String::from_utf8(bytes).map_err(de::Error::custom)?
+            };
+            let admin_addr = seq.next_element()?.ok_or_else(missing)?;
+            let client_addr = seq.next_element()?.ok_or_else(missing)?;
+            let uid = if head == TAGGED { seq.next_element()?.ok_or_else(missing)? } else { String::new() };
+            Ok(Member { raft_addr, admin_addr, client_addr, uid })
+        }
+    }
+
+    /// `len` bytes with no length in front (bincode writes a tuple's elements back to back).
+    struct RawBytes(usize);
+
+    impl<'de> DeserializeSeed<'de> for RawBytes {
+        type Value = Vec<u8>;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<u8>, D::Error> {
+            struct Bytes(usize);
+            impl<'de> Visitor<'de> for Bytes {
+                type Value = Vec<u8>;
+
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    write!(f, "{} bytes", self.0)
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                    // Grown as bytes arrive: a corrupt length must not reserve memory.
+                    let mut out = Vec::new();
+                    for _ in 0..self.0 {
+                        out.push(seq.next_element()?.ok_or_else(|| de::Error::custom("truncated address"))?);
+                    }
+                    Ok(out)
+                }
+            }
+            d.deserialize_tuple(self.0, Bytes(self.0))
+        }
     }
 }
 
@@ -138,7 +263,61 @@ pub type Snapshot = openraft::Snapshot<TypeConfig>;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    /// `Member` as it was encoded before member uids.
+    #[derive(Serialize)]
+    struct OldMember {
+        raft_addr: String,
+        admin_addr: String,
+        client_addr: String,
+    }
+
+    fn member(i: u64, uid: &str) -> Member {
+        Member {
+            raft_addr: format!("10.0.0.{i}:12000"),
+            admin_addr: format!("10.0.0.{i}:13000"),
+            client_addr: format!("10.0.0.{i}:11000"),
+            uid: uid.to_string(),
+        }
+    }
+
+    #[test]
+    fn members_written_before_uids_still_decode() {
+        let old: BTreeMap<u64, OldMember> = (1..=3)
+            .map(|i| {
+                let m = member(i, "");
+                (i, OldMember { raft_addr: m.raft_addr, admin_addr: m.admin_addr, client_addr: m.client_addr })
+            })
+            .collect();
+        let bytes = bincode::serialize(&(old, 7u64)).expect("encode");
+        let (read, after): (BTreeMap<u64, Member>, u64) = bincode::deserialize(&bytes).expect("decode");
+        assert_eq!(read, (1..=3).map(|i| (i, member(i, ""))).collect());
+        assert_eq!(after, 7, "what follows a membership is read in step");
+    }
+
+    #[test]
+    fn members_round_trip_in_bincode_and_json() {
+        let m: BTreeMap<u64, Member> = BTreeMap::from([(1, member(1, "ab")), (2, member(2, ""))]);
+        let bytes = bincode::serialize(&(m.clone(), 7u64)).expect("encode");
+        assert_eq!(bincode::deserialize::<(BTreeMap<u64, Member>, u64)>(&bytes).expect("decode"), (m, 7));
+
+        let json = serde_json::to_string(&member(1, "ab")).expect("json");
+        assert!(json.contains(r#""uid":"ab""#), "{json}");
+        assert_eq!(serde_json::from_str::<Member>(&json).expect("json"), member(1, "ab"));
+        let old = r#"{"raft_addr":"10.0.0.1:12000","admin_addr":"10.0.0.1:13000","client_addr":"10.0.0.1:11000"}"#;
+        assert_eq!(serde_json::from_str::<Member>(old).expect("old json"), member(1, ""));
+    }
+
+    #[test]
+    fn a_truncated_member_is_an_error() {
+        let bytes = bincode::serialize(&member(1, "ab")).expect("encode");
+        for cut in [4, 8, 20, bytes.len() - 1] {
+            assert!(bincode::deserialize::<Member>(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
 
     /// Entries written before checkpoints existed still decode, with none.
     #[test]

@@ -210,20 +210,6 @@ fn t40_data_dir_keeps_its_guest() {
     assert!(again.log_tail().contains("cannot change its guest"), "{}", again.log_tail());
 }
 
-#[test]
-fn t50_node_that_never_joined_does_not_bootstrap_on_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let nobody = format!("127.0.0.1:{}", free_ports(1)[0]);
-    let mut node = Node::start(4, dir.path(), &guest("kvstore"), &[], Some(&nobody));
-    wait_for(|| try_status(&node.admin_addr).is_ok(), "node 4 to serve /status while it tries to join");
-    assert!(node.terminate().success(), "{}", node.log_tail());
-    // Restarted without --join (as the harness does): it must not found a cluster of its own.
-    node.restart();
-    let status = wait_exit(&mut node);
-    assert_eq!(status.code(), Some(2), "{}", node.log_tail());
-    assert!(node.log_tail().contains("has not joined"), "{}", node.log_tail());
-}
-
 fn signal(node: &Node, sig: &str) {
     let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(node.pid().to_string()).status();
     assert!(ok.is_ok_and(|s| s.success()), "kill -{sig} node {}", node.id);

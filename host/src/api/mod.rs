@@ -17,6 +17,7 @@ use tokio::time::error::Elapsed;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::client::Client;
+use crate::identity::Identity;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::proto::{ClientResponse, Code};
@@ -26,6 +27,8 @@ use crate::types::{Member, NodeId, Raft, Request, TypeConfig, MAX_COMMAND_BYTES}
 /// Shared state of a running member, handed to every server.
 pub struct App {
     pub id: NodeId,
+    /// The cluster this member belongs to (once it does) and its member uid.
+    pub identity: Arc<Identity>,
     pub raft: Raft,
     pub sm: StateMachine,
     pub metrics: Arc<Metrics>,
@@ -154,7 +157,7 @@ impl Outcome {
 impl App {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: NodeId,
+        identity: Arc<Identity>,
         raft: Raft,
         sm: StateMachine,
         metrics: Arc<Metrics>,
@@ -166,12 +169,14 @@ impl App {
         max_inflight_batches: usize,
         lease: Arc<Lease>,
     ) -> Self {
+        let id = identity.node;
         let (proposals, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
         tokio::spawn(batcher(id, raft.clone(), rx, proposal_timeout, max_inflight_batches, metrics.clone()));
         let (reads, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
         tokio::spawn(read_barrier(raft.clone(), rx, proposal_timeout));
         App {
             id,
+            identity,
             proposals,
             reads,
             raft,

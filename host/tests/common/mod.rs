@@ -542,6 +542,16 @@ impl Node {
     /// membership, so they cannot change; while one is briefly the local port of some
     /// other process's outgoing connection, the node is started again after a pause.
     pub fn restart(&mut self) {
+        self.relaunch(false);
+    }
+
+    /// Like [`Node::restart`], but with `--join join` (kept for later restarts that join).
+    pub fn restart_joining(&mut self, join: &str) {
+        self.join = Some(join.to_string());
+        self.relaunch(true);
+    }
+
+    fn relaunch(&mut self, with_join: bool) {
         const ATTEMPTS: usize = 20;
         for attempt in 1..=ATTEMPTS {
             let mut log = OpenOptions::new()
@@ -550,7 +560,7 @@ impl Node {
                 .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()));
             let _ = writeln!(log, "======== restarted by the test ========");
             drop(log);
-            self.launch(false);
+            self.launch(with_join);
             if !self.exited_on_a_port_clash() || attempt == ATTEMPTS {
                 return;
             }
@@ -737,8 +747,21 @@ impl Cluster {
     /// Waits until every running node has applied the whole log and reports the same
     /// `state_digest` at the same `last_applied`; returns one of the statuses.
     pub fn wait_converged(&mut self) -> Value {
+        let all: Vec<usize> = self.running().collect();
+        self.wait_converged_among(&all)
+    }
+
+    /// [`Cluster::wait_converged`] for the nodes at `indexes` only (others may run apart).
+    pub fn wait_converged_among(&mut self, indexes: &[usize]) -> Value {
         self.wait_until("all nodes to converge on one state", |c| {
-            let statuses = c.statuses()?;
+            let statuses = indexes
+                .iter()
+                .map(|&i| {
+                    try_status(&c.nodes[i].admin_addr)
+                        .map(|s| (i, s))
+                        .map_err(|e| format!("node {}: {e}", c.nodes[i].id))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
             let end = statuses.iter().map(|(_, s)| field_u64(s, "last_log_index")).max().ok_or("no running node")?;
             for (i, s) in &statuses {
                 let applied = field_u64(s, "last_applied");
