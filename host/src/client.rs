@@ -20,10 +20,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::api::Outcome;
-use crate::codec::{encode_frame, read_frame, DEFAULT_MAX_FRAME};
+use crate::backoff::Backoff;
+use crate::codec::{encode_frame, gather, read_frame, DEFAULT_MAX_FRAME};
 use crate::proto::{ClientRequest, ClientResponse, Code, RequestKind};
 use crate::types::MAX_COMMAND_BYTES;
 
+/// Requests gathered into one write at most: the writer writes and starts again rather
+/// than copying everything queued meanwhile into one buffer.
+const MAX_WRITE: usize = 1 << 20;
 /// What a request adds to its payload on the wire: the frame length, id, kind and flag.
 const REQUEST_OVERHEAD: usize = 32;
 
@@ -126,10 +130,7 @@ impl Conn {
                 let mut out = Vec::new();
                 while let Some(req) = rx.recv().await {
                     out.clear();
-                    encode_frame(&req, &mut out);
-                    while let Ok(more) = rx.try_recv() {
-                        encode_frame(&more, &mut out);
-                    }
+                    gather(req, || rx.try_recv().ok(), MAX_WRITE, &mut out, |r, out| encode_frame(&r, out));
                     if wr.write_all(&out).await.is_err() {
                         break;
                     }
@@ -351,14 +352,8 @@ impl Client {
     async fn call(&self, kind: RequestKind, payload: Vec<u8>, stale_ok: bool) -> Result<Vec<u8>, ClientError> {
         self.check_size(kind, &payload)?;
         let deadline = Instant::now() + self.deadline;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         let mut last_error = String::from("no member answered");
-        // Sleeps between attempts, never past the deadline.
-        let pause = |backoff: &mut Duration| {
-            let nap = (*backoff).min(deadline.saturating_duration_since(Instant::now()));
-            *backoff = (*backoff * 2).min(Duration::from_millis(500));
-            tokio::time::sleep(nap)
-        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -369,7 +364,7 @@ impl Client {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     last_error = e;
-                    pause(&mut backoff).await;
+                    backoff.sleep_within(deadline).await;
                     continue;
                 }
                 Err(_) => break,
@@ -412,7 +407,7 @@ impl Client {
                     let leader = (!resp.leader.is_empty() && resp.leader != conn.addr).then_some(resp.leader);
                     if leader.is_none() {
                         // An election is under way (or we were sent to ourselves): wait.
-                        pause(&mut backoff).await;
+                        backoff.sleep_within(deadline).await;
                     }
                     last_error = format!("{} is not the leader", conn.addr);
                     self.forget(&conn, leader).await;
@@ -422,7 +417,7 @@ impl Client {
                 Ok(Code::Rejected) => {
                     last_error = resp.error;
                     self.forget(&conn, None).await;
-                    pause(&mut backoff).await;
+                    backoff.sleep_within(deadline).await;
                 }
                 Err(_) => return Err(ClientError::BadRequest(format!("unknown response code {}", resp.code))),
             }

@@ -209,6 +209,25 @@ pub fn encode_frame<M: Message>(msg: &M, out: &mut Vec<u8>) {
     let _ = msg.encode(out);
 }
 
+/// One write's worth of ready frames: `encode`s `first`, then whatever `ready` yields at
+/// once, until `out` holds `max` bytes or more. A writer task calls it with its queue's
+/// `try_recv`, so frames that queue up while a write is in progress leave in one write.
+pub fn gather<T>(
+    first: T,
+    mut ready: impl FnMut() -> Option<T>,
+    max: usize,
+    out: &mut Vec<u8>,
+    mut encode: impl FnMut(T, &mut Vec<u8>),
+) {
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        encode(item, out);
+        if out.len() < max {
+            next = ready();
+        }
+    }
+}
+
 pub async fn write_frame<M, W>(w: &mut W, msg: &M) -> Result<(), FrameError>
 where
     M: Message,

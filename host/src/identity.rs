@@ -69,7 +69,7 @@ pub fn write(dir: &Path, file: &NodeFile) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join(FILE_NAME);
     let json = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
-    crate::store::log::write_file_durably(&path, &json).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    crate::store::files::write_file_durably(&path, &json).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Refuses a data dir made for another node id, guest or guest settings: started on it, the

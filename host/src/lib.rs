@@ -18,18 +18,20 @@
 
 pub mod admin;
 pub mod api;
+pub mod backoff;
 pub mod checkpoint;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod fsm;
 pub mod identity;
+pub mod join;
 pub mod lease;
-pub mod memprof;
 pub mod metrics;
 pub mod monitor;
 pub mod net;
 pub mod node;
+pub mod profiling;
 pub mod proto;
 pub mod store;
 pub mod types;

@@ -1,9 +1,36 @@
-//! Counters exported on `GET /metrics` (Prometheus text format). Raft's own figures
-//! (term, indexes) come from openraft's metrics at render time.
+//! Everything exported on `GET /metrics` (Prometheus text format): Raft's own figures
+//! (term, indexes), taken from openraft's metrics at render time, and this member's
+//! counters and apply-latency histogram.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use openraft::{RaftMetrics, ServerState};
+
+use crate::types::{Member, NodeId};
+
+/// The whole `/metrics` page.
+pub fn render(raft: &RaftMetrics<NodeId, Member>, ours: &Metrics) -> String {
+    let mut out = String::new();
+    render_raft(raft, &mut out);
+    ours.render(&mut out);
+    out
+}
+
+fn render_raft(m: &RaftMetrics<NodeId, Member>, out: &mut String) {
+    let gauges: [(&str, &str, u64); 6] = [
+        ("term", "Current Raft term", m.current_term),
+        ("last_log_index", "Index of the last log entry", m.last_log_index.unwrap_or(0)),
+        ("applied_index", "Index of the last applied entry", m.last_applied.map_or(0, |l| l.index)),
+        ("snapshot_index", "Last index in the current snapshot", m.snapshot.map_or(0, |l| l.index)),
+        ("is_leader", "1 on the leader", u64::from(m.state == ServerState::Leader)),
+        ("members", "Members in the current configuration", m.membership_config.membership().nodes().count() as u64),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} gauge\nwasm_raft_{name} {v}");
+    }
+}
 
 /// Upper bounds (µs) of the apply-latency histogram buckets.
 const APPLY_BUCKETS_US: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 500, 1_000, 10_000];
@@ -46,8 +73,8 @@ impl Metrics {
         self.apply_count.load(Ordering::Relaxed)
     }
 
-    /// Render our counters; `raft` lines (already formatted) are prepended by the caller.
-    pub fn render(&self, out: &mut String) {
+    /// This member's counters and histogram.
+    fn render(&self, out: &mut String) {
         let counters: [(&str, &str, &AtomicU64); 12] = [
             ("proposals_total", "Commands proposed through this member", &self.proposals),
             ("proposal_errors_total", "Proposals that failed (not guest errors)", &self.proposal_errors),

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::{App, Held, Outcome, Reply};
-use crate::codec::{encode_frame, read_body_budgeted, read_len_within, skip_frame, FrameError};
+use crate::codec::{encode_frame, gather, read_body_budgeted, read_len_within, skip_frame, FrameError};
 use crate::proto::{ClientRequest, ClientResponse, Code, RequestKind};
 
 /// Requests in flight per connection, counted until their answers are written: past it
@@ -44,11 +44,14 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    pub fn add(&self, resp: &ClientResponse) {
+    /// Counts `resp` as queued; returns its size, which the writer uncounts once it is
+    /// written.
+    pub fn add(&self, resp: &ClientResponse) -> usize {
         let n = prost::Message::encoded_len(resp);
         if self.bytes.fetch_add(n, Ordering::Relaxed) + n > MAX_BACKLOG_HARD {
             self.close();
         }
+        n
     }
 
     fn is_closed(&self) -> bool {
@@ -79,7 +82,7 @@ impl Backlog {
         loop {
             // Made before the check, so a drain in between is not missed.
             let drained = self.drained.notified();
-            if self.bytes.load(Ordering::Relaxed) <= max || self.closed.load(Ordering::Relaxed) {
+            if self.bytes.load(Ordering::Relaxed) <= max || self.is_closed() {
                 return;
             }
             drained.await;
@@ -109,18 +112,17 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
         while let Some(first) = rx.recv().await {
             out.clear();
             let mut counted = 0;
-            let mut next = Some(first);
-            // Coalesce whatever else is ready into the same write, up to a bound.
-            while let Some((resp, held)) = next.take() {
-                encode_frame(&resp, &mut out);
-                if held.is_some() {
-                    counted += prost::Message::encoded_len(&resp);
-                }
-                written.push(held);
-                if out.len() < MAX_WRITE {
-                    next = rx.try_recv().ok();
-                }
-            }
+            gather(
+                first,
+                || rx.try_recv().ok(),
+                MAX_WRITE,
+                &mut out,
+                |(resp, held): Answer, out| {
+                    encode_frame(&resp, out);
+                    counted += held.as_ref().map_or(0, |h| h.queued);
+                    written.push(held);
+                },
+            );
             let wrote = tokio::select! {
                 r = wr.write_all(&out) => r.is_ok(),
                 // Past the hard limit: hang up instead of finishing a write the client
@@ -154,6 +156,11 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
                 break;
             }
         };
+        // Every request takes a slot until its answer is written, refused ones too: the
+        // answer queue then always has room (see `Reply::send`).
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         if len > app.max_frame {
             // A definite failure of that one request: the stream stays in step, so what
             // the client pipelined behind it is still answered.
@@ -168,14 +175,13 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
                 }
             };
             let bad = ClientResponse { id, code: Code::BadRequest as i32, error, ..Default::default() };
-            if tx.send((bad, None)).await.is_err() {
+            let mut held = Held { _slot: slot, _bytes: None, backlog: backlog.clone(), queued: 0 };
+            held.queued = backlog.add(&bad);
+            if tx.send((bad, Some(held))).await.is_err() {
                 break;
             }
             continue;
         }
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
         backlog.below(MAX_BACKLOG).await;
         if backlog.is_closed() {
             break;
@@ -194,7 +200,7 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
                 break;
             }
         };
-        let held = Held { _slot: slot, _bytes: bytes, backlog: backlog.clone() };
+        let held = Held { _slot: slot, _bytes: Some(bytes), backlog: backlog.clone(), queued: 0 };
         // The common cases answer straight into the writer's queue, without a task per
         // request: proposals (from the batch's responder) and queries that need no read
         // barrier (from the state-machine thread).
@@ -210,7 +216,8 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
         let tx = tx.clone();
         tokio::spawn(async move {
             let resp = handle(&app, req).await;
-            held.backlog.add(&resp);
+            let mut held = held;
+            held.queued = held.backlog.add(&resp);
             let _ = tx.send((resp, Some(held))).await;
         });
     }

@@ -45,7 +45,8 @@ use tokio::sync::oneshot;
 
 use super::covered::SnapshotCover;
 use super::durable::Durable;
-use super::log::{sync_dir, LogStore, SharedLog};
+use super::files::sync_dir;
+use super::log::{LogStore, SharedLog};
 use super::snapfile::{SnapReader, SnapWriter};
 use crate::fsm::{ApplyOutcome, GuestModule, Instance};
 use crate::metrics::Metrics;

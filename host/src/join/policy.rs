@@ -1,218 +1,22 @@
-//! Admin HTTP: `GET /status`, `GET /metrics`, `POST /join`, and the small HTTP client a
-//! joining node uses to call `/join`.
+//! The leader's side of `POST /join`: which nodes may become members, in which role, and
+//! when a learner is promoted.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
+use super::{config_sha256, JoinReply, JoinRequest};
+use crate::admin::TOKEN_HEADER;
 use crate::api::App;
 use crate::identity::PROTOCOL_VERSION;
 use crate::types::{Member, NodeId};
-
-pub const TOKEN_HEADER: &str = "x-cluster-token";
-
-/// Admin connections served at once: operators, probes and joining members.
-pub const MAX_ADMIN_CONNECTIONS: usize = 64;
-/// A request's head must arrive within this, or the connection is closed (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request body: a join request is a few hundred bytes.
-const MAX_BODY: usize = 64 * 1024;
-
-pub async fn serve(listener: TcpListener, app: Arc<App>) {
-    let router = Router::new()
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/join", post(join))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(app);
-    crate::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "admin connection closed");
-            }
-        }
-    })
-    .await;
-}
-
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
-pub struct MemberStatus {
-    pub id: NodeId,
-    pub raft_addr: String,
-    pub admin_addr: String,
-    pub client_addr: String,
-    pub voter: bool,
-    /// The member uid on record; empty for a member that joined before uids existed.
-    pub uid: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub id: NodeId,
-    /// `None` until this member has bootstrapped or been accepted into a cluster.
-    pub cluster_id: Option<String>,
-    pub member_uid: String,
-    pub protocol_version: u32,
-    pub state: String,
-    pub term: u64,
-    pub leader_id: Option<NodeId>,
-    pub last_log_index: u64,
-    pub last_applied: u64,
-    pub committed: u64,
-    pub snapshot_index: Option<u64>,
-    pub members: Vec<MemberStatus>,
-    pub fsm_sha256: String,
-    pub fsm_config: Vec<(String, String)>,
-    pub state_digest: String,
-}
-
-fn state_name(s: ServerState) -> &'static str {
-    match s {
-        ServerState::Leader => "Leader",
-        ServerState::Follower => "Follower",
-        ServerState::Learner => "Learner",
-        ServerState::Candidate => "Candidate",
-        ServerState::Shutdown => "Shutdown",
-    }
-}
-
-fn members(app: &App) -> Vec<MemberStatus> {
-    let m = app.raft.metrics().borrow().membership_config.clone();
-    let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
-    m.membership()
-        .nodes()
-        .map(|(id, n)| MemberStatus {
-            id: *id,
-            raft_addr: n.raft_addr.clone(),
-            admin_addr: n.admin_addr.clone(),
-            client_addr: n.client_addr.clone(),
-            voter: voters.contains(id),
-            uid: n.uid.clone(),
-        })
-        .collect()
-}
-
-pub async fn current_status(app: &App) -> Result<Status, String> {
-    // The digest and its index come from the state machine together, so they match.
-    let applied = app.sm.applied().await?;
-    let m = app.raft.metrics().borrow().clone();
-    Ok(Status {
-        id: app.id,
-        cluster_id: app.identity.cluster().map(str::to_string),
-        member_uid: app.identity.uid.clone(),
-        protocol_version: PROTOCOL_VERSION,
-        state: state_name(m.state).to_string(),
-        term: m.current_term,
-        leader_id: m.current_leader,
-        last_log_index: m.last_log_index.unwrap_or(0),
-        last_applied: applied.last_applied.map_or(0, |l| l.index),
-        committed: m.last_applied.map_or(0, |l| l.index).max(applied.last_applied.map_or(0, |l| l.index)),
-        snapshot_index: m.snapshot.map(|l| l.index),
-        members: members(app),
-        fsm_sha256: app.fsm_sha256.clone(),
-        fsm_config: app.fsm_config.clone(),
-        state_digest: hex::encode(applied.digest),
-    })
-}
-
-async fn status(State(app): State<Arc<App>>) -> Response {
-    match current_status(&app).await {
-        Ok(s) => Json(s).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-    }
-}
-
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let m = app.raft.metrics().borrow().clone();
-    let mut out = String::new();
-    let gauges: [(&str, &str, u64); 6] = [
-        ("term", "Current Raft term", m.current_term),
-        ("last_log_index", "Index of the last log entry", m.last_log_index.unwrap_or(0)),
-        ("applied_index", "Index of the last applied entry", m.last_applied.map_or(0, |l| l.index)),
-        ("snapshot_index", "Last index in the current snapshot", m.snapshot.map_or(0, |l| l.index)),
-        ("is_leader", "1 on the leader", u64::from(m.state == ServerState::Leader)),
-        ("members", "Members in the current configuration", m.membership_config.membership().nodes().count() as u64),
-    ];
-    for (name, help, v) in gauges {
-        let _ = writeln!(out, "# HELP wasm_raft_{name} {help}\n# TYPE wasm_raft_{name} gauge\nwasm_raft_{name} {v}");
-    }
-    app.metrics.render(&mut out);
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
-}
-
-/// A node's request to become a member. The module hash and the settings digest let the
-/// leader refuse a node that would compute a different state; the cluster id and member uid
-/// let it refuse a member of another cluster and a process that would take a member's id.
-///
-/// A node not yet bound to a cluster asks without `cluster_id`: once every check passes it
-/// is told the cluster id (202) and nothing else changes. It records the id in `node.json`
-/// and asks again with it; only then is it added, so no entry reaches a node that could
-/// still forget which cluster it belongs to.
-#[derive(Debug, Serialize, Deserialize, Clone)]
-pub struct JoinRequest {
-    pub id: NodeId,
-    pub raft_addr: String,
-    pub admin_addr: String,
-    pub client_addr: String,
-    pub fsm_sha256: String,
-    pub fsm_config_sha256: String,
-    #[serde(default)]
-    pub learner: bool,
-    /// 0 from a release before versioned joins.
-    #[serde(default)]
-    pub protocol_version: u32,
-    #[serde(default)]
-    pub member_uid: String,
-    #[serde(default)]
-    pub cluster_id: Option<String>,
-    /// The joiner has no log: it cannot take the place of a voter, whose acknowledged
-    /// entries it would not hold.
-    #[serde(default)]
-    pub empty_log: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JoinReply {
-    pub ok: bool,
-    #[serde(default)]
-    pub message: String,
-    /// With 421: the leader's admin address, to retry there.
-    #[serde(default)]
-    pub leader_admin: Option<String>,
-    /// With 200 and 202: the cluster the joiner belongs to.
-    #[serde(default)]
-    pub cluster_id: Option<String>,
-}
-
-/// Digest of the guest settings, order included (the guest sees them in order).
-pub fn config_sha256(config: &[(String, String)]) -> String {
-    let mut h = Sha256::new();
-    for (k, v) in config {
-        h.update((k.len() as u64).to_be_bytes());
-        h.update(k.as_bytes());
-        h.update((v.len() as u64).to_be_bytes());
-        h.update(v.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
 
 fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
     let ok = code.is_success();
@@ -254,7 +58,7 @@ fn refuse_existing(req: &JoinRequest, existing: &Member, node: &Member, is_voter
     (!why.is_empty()).then(|| why.join("; "))
 }
 
-async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let req: JoinRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return reply(StatusCode::BAD_REQUEST, format!("malformed join request: {e}"), None),
@@ -414,76 +218,9 @@ fn membership_error(app: &App, e: &RaftError<NodeId, ClientWriteError<NodeId, Me
     }
 }
 
-/// A minimal HTTP/1.1 POST (the only client call the host makes is `/join` on a peer).
-pub async fn post_json(
-    addr: &str,
-    path: &str,
-    token: &str,
-    body: &str,
-    timeout: Duration,
-) -> std::io::Result<(u16, String)> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
-        );
-        if !token.is_empty() {
-            req.push_str(&format!("{TOKEN_HEADER}: {token}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).await?;
-        // A join answer is small; a seed that sends more is not one of ours.
-        let mut resp = Vec::new();
-        (&mut s).take(1 << 20).read_to_end(&mut resp).await?;
-        parse_response(&resp)
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}{path} timed out")))?
-}
-
-fn parse_response(resp: &[u8]) -> std::io::Result<(u16, String)> {
-    let text = String::from_utf8_lossy(resp);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Ok((code, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_responses() {
-        let plain = b"HTTP/1.1 409 Conflict\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(parse_response(plain).expect("parse"), (409, "hello".to_string()));
-        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).expect("parse"), (200, "abcde".to_string()));
-        assert!(parse_response(b"garbage").is_err());
-    }
 
     fn joiner(uid: &str, empty_log: bool, learner: bool) -> (JoinRequest, Member) {
         let req = JoinRequest {
@@ -535,15 +272,5 @@ mod tests {
         let legacy_moved = Member { raft_addr: "elsewhere".into(), ..legacy };
         let why = refuse_existing(&req, &legacy_moved, &node, true).expect("legacy, other addresses");
         assert!(why.contains("before member uids"), "{why}");
-    }
-
-    #[test]
-    fn config_digest_depends_on_order_and_boundaries() {
-        let a = config_sha256(&[("a".into(), "1".into()), ("b".into(), "2".into())]);
-        let b = config_sha256(&[("b".into(), "2".into()), ("a".into(), "1".into())]);
-        let c = config_sha256(&[("a".into(), "1b".into()), ("".into(), "2".into())]);
-        assert_ne!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a, config_sha256(&[("a".into(), "1".into()), ("b".into(), "2".into())]));
     }
 }
