@@ -26,6 +26,9 @@ pub enum FrameError {
     TimedOut(&'static str),
 }
 
+/// Why a frame's body was cut off.
+const SLOW_BODY: &str = "a frame's body arrived too slowly";
+
 /// A connection's read buffer is shrunk back after a frame larger than this, so that one
 /// large request does not stay allocated for the connection's life.
 const KEEP_BUFFER: usize = 64 * 1024;
@@ -51,10 +54,7 @@ where
 
 /// The next frame's length, if it starts within `idle`.
 pub async fn read_len_within<R: AsyncRead + Unpin>(r: &mut R, idle: Duration) -> Result<usize, FrameError> {
-    match tokio::time::timeout(idle, read_len(r)).await {
-        Ok(len) => len,
-        Err(_) => Err(FrameError::TimedOut("idle for too long")),
-    }
+    within(idle, "idle for too long", read_len(r)).await
 }
 
 /// A frame's body of `len` bytes, if it arrives within `body`.
@@ -69,10 +69,7 @@ where
     M: Message + Default,
     R: AsyncRead + Unpin,
 {
-    match tokio::time::timeout(body, read_body(r, len, max, buf)).await {
-        Ok(m) => m,
-        Err(_) => Err(FrameError::TimedOut("a frame's body arrived too slowly")),
-    }
+    within(body, SLOW_BODY, read_body(r, len, max, buf)).await
 }
 
 /// `read_body_within`, with the body's bytes counted against `budget` (in KiB, at least
@@ -98,24 +95,23 @@ where
     let gone = |_| FrameError::Io(std::io::Error::other("the member is stopping"));
     let read = async {
         buf.clear();
-        let mut held = budget.clone().acquire_owned().await.map_err(gone)?;
-        while buf.len() < len {
-            let chunk = (len - buf.len()).min(CHUNK);
-            held.merge(budget.clone().acquire_many_owned(chunk.div_ceil(1024) as u32).await.map_err(gone)?);
+        let units = |chunk: usize| chunk.div_ceil(1024) as u32;
+        let mut chunk = len.min(CHUNK);
+        // One unit for the request itself (an empty body holds one too), taken with the
+        // first chunk's: a small request acquires once.
+        let mut held = budget.clone().acquire_many_owned(1 + units(chunk)).await.map_err(gone)?;
+        while chunk > 0 {
             if (&mut *r).take(chunk as u64).read_to_end(buf).await? < chunk {
                 return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
             }
+            chunk = (len - buf.len()).min(CHUNK);
+            if chunk > 0 {
+                held.merge(budget.clone().acquire_many_owned(units(chunk)).await.map_err(gone)?);
+            }
         }
-        let msg = M::decode(buf.as_slice());
-        if buf.capacity() > KEEP_BUFFER {
-            *buf = Vec::new();
-        }
-        Ok((msg?, held))
+        Ok((decode_and_shrink(buf)?, held))
     };
-    match tokio::time::timeout(within, read).await {
-        Ok(m) => m,
-        Err(_) => Err(FrameError::TimedOut("a frame's body arrived too slowly")),
-    }
+    self::within(within, SLOW_BODY, read).await
 }
 
 /// Reads past a frame too large to accept, keeping the stream in step, and returns the
@@ -131,12 +127,9 @@ pub async fn skip_frame<R: AsyncRead + Unpin>(
         let n = head.len().min(len);
         r.read_exact(&mut head[..n]).await?;
         tokio::io::copy(&mut (&mut *r).take((len - n) as u64), &mut tokio::io::sink()).await?;
-        Ok::<_, std::io::Error>(leading_field_1(&head[..n]))
+        Ok::<_, FrameError>(leading_field_1(&head[..n]))
     };
-    match tokio::time::timeout(within, skip).await {
-        Ok(id) => Ok(id?),
-        Err(_) => Err(FrameError::TimedOut("a frame's body arrived too slowly")),
-    }
+    self::within(within, SLOW_BODY, skip).await
 }
 
 /// Field 1 as a varint at the start of an encoded message.
@@ -189,11 +182,25 @@ where
     if got < len {
         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
     }
+    decode_and_shrink(buf)
+}
+
+/// Decodes the frame in `buf`, then lets go of the buffer if a large frame grew it.
+fn decode_and_shrink<M: Message + Default>(buf: &mut Vec<u8>) -> Result<M, FrameError> {
     let msg = M::decode(buf.as_slice());
     if buf.capacity() > KEEP_BUFFER {
         *buf = Vec::new();
     }
     Ok(msg?)
+}
+
+/// `read`'s result if it completes within `limit`, else `TimedOut(why)`.
+async fn within<T>(
+    limit: Duration,
+    why: &'static str,
+    read: impl std::future::Future<Output = Result<T, FrameError>>,
+) -> Result<T, FrameError> {
+    tokio::time::timeout(limit, read).await.unwrap_or(Err(FrameError::TimedOut(why)))
 }
 
 /// Append one encoded frame to `out` (so that several frames go out in one write).
