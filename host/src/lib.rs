@@ -12,6 +12,8 @@
 //! - [`api`]: what a proposal or query becomes, and the binary and text client protocols.
 //! - [`admin`]: HTTP `/status`, `/metrics`, `/join`.
 //! - [`client`]: the client library (`kv`, tests, forwarding).
+//! - [`http_client`]: a small HTTP/1.1 client (joins, the tests' admin calls).
+//! - [`loadgen`]: closed-loop load, measured (the `loadgen` binary, tests, experiments).
 //! - [`codec`], [`proto`]: frames and wire messages.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`monitor`]: `--monitor FILE`, resource samples once a second.
@@ -23,8 +25,10 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod fsm;
+pub mod http_client;
 pub mod identity;
 pub mod lease;
+pub mod loadgen;
 pub mod memprof;
 pub mod metrics;
 pub mod monitor;
