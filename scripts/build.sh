@@ -10,17 +10,9 @@ source scripts/lib.sh
 # binaries (kv, and the logger, recovery and loadgen as they appear).
 cargo build --release --bins
 
-ensure_wasm_target
-mapfile -t packages < <(guest_package_args)
-cargo build --release --target "$WASM_TARGET" "${packages[@]}"
+bash scripts/build-guests.sh
 
 missing=0
-for g in "${GUESTS[@]}"; do
-  if [[ ! -f "$WASM_OUT/$g.wasm" ]]; then
-    echo "build.sh: expected $WASM_OUT/$g.wasm after the build, it is missing" >&2
-    missing=1
-  fi
-done
 for b in host kv; do
   if [[ ! -x "target/release/$b" ]]; then
     echo "build.sh: expected target/release/$b after the build, it is missing" >&2

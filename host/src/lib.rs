@@ -10,10 +10,15 @@
 //! - [`fsm`]: the wasmtime engine, deterministic configuration, and guest instances.
 //! - [`net`]: peer RPC (AppendEntries, Vote, InstallSnapshot) over TCP.
 //! - [`api`]: what a proposal or query becomes, and the binary and text client protocols.
-//! - [`admin`]: HTTP `/status`, `/metrics`, `/join`.
+//! - [`admin`]: HTTP `/status`, `/metrics` (served), `/join` (routed to [`join`]).
+//! - [`join`]: the join request, the leader's policy for it, the joining node's client.
 //! - [`client`]: the client library (`kv`, tests, forwarding).
+//! - [`http_client`]: a small HTTP/1.1 client (joins, the tests' admin calls).
+//! - [`loadgen`]: closed-loop load, measured (the `loadgen` binary, tests, experiments).
 //! - [`codec`], [`proto`]: frames and wire messages.
-//! - [`metrics`]: counters for `/metrics`.
+//! - [`metrics`]: everything `/metrics` shows.
+//! - [`profiling`]: `--cpuprofile`, `--memprofile`; [`backoff`]: pauses between retries.
+//! - [`checkpoint`], [`lease`]: divergence detection; the leader lease and vote hold.
 //! - [`monitor`]: `--monitor FILE`, resource samples once a second.
 
 pub mod admin;
@@ -24,9 +29,11 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod fsm;
+pub mod http_client;
 pub mod identity;
 pub mod join;
 pub mod lease;
+pub mod loadgen;
 pub mod metrics;
 pub mod monitor;
 pub mod net;

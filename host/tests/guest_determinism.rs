@@ -1,7 +1,9 @@
 //! What a guest can observe through WASI must be the same on every member: file times,
 //! metadata hashes, directory order and timers. Runs the `faulty` guest's probes on
 //! instances whose `/data` directories are different host directories, as two members'
-//! are (run `scripts/build.sh` first).
+//! are.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,9 +11,8 @@ use std::time::{Duration, Instant};
 use host::fsm::{ApplyOutcome, GuestModule, Instance, Limits};
 
 fn faulty() -> GuestModule {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/faulty.wasm");
-    assert!(path.exists(), "{} missing: run scripts/build.sh first", path.display());
-    GuestModule::load(&path, Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 }).expect("load faulty")
+    GuestModule::load(&common::guest("faulty"), Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 })
+        .expect("load faulty")
 }
 
 /// One member's instance on its own guest directory.

@@ -2,9 +2,12 @@
 //! whatever the batching, leave the state as it was before the faulty entry, and survive
 //! snapshots and restarts; fuel or memory exhaustion and a reported environment failure
 //! stop the member instead (a storage error), also during a rebuild, and again after a
-//! restart. Uses the `faulty` test guest (run `scripts/build.sh` first).
+//! restart. Uses the `faulty` test guest.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::guest;
+use std::path::Path;
 use std::sync::Arc;
 
 use host::fsm::{GuestModule, Limits, LoadError};
@@ -13,13 +16,6 @@ use host::store::{GuestSpec, LogStore, StateMachine};
 use host::types::{Entry, LogId, Request};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload};
-
-fn guest(name: &str) -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release").join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} missing: run scripts/build.sh first", p.display());
-    p
-}
 
 fn limits() -> Limits {
     Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 }

@@ -1,7 +1,10 @@
 //! openraft's storage conformance suite against our durable log and guest-backed state
-//! machine (with the kvstore guest; run `scripts/build.sh` first).
+//! machine (with the kvstore guest).
 
-use std::path::PathBuf;
+mod common;
+
+use common::guest;
+
 use std::sync::Arc;
 
 use host::fsm::{GuestModule, Limits};
@@ -10,13 +13,6 @@ use host::store::{GuestSpec, LogStore, StateMachine};
 use host::types::{StorageError, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
-
-fn guest(name: &str) -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release").join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} missing: run scripts/build.sh first", p.display());
-    p
-}
 
 struct Builder {
     module: Arc<GuestModule>,

@@ -1,13 +1,14 @@
 //! Decoding of command bytes, shared by `apply` and `query`.
 //!
 //! Two forms are accepted. The text lines `get-K`, `set-K-V` and `delete-K` are
-//! recognised by their prefix; everything else is a protobuf [`proto::Command`]. The two
-//! cannot be confused: `g`, `s` and `d` as a first byte would be protobuf tags with wire
-//! types 7, 3 and 4, none of which a `Command` can start with.
+//! recognised by their prefix (their grammar is in [`crate::text`]); everything else is a
+//! protobuf [`proto::Command`]. The two cannot be confused: `g`, `s` and `d` as a first
+//! byte would be protobuf tags with wire types 7, 3 and 4, none of which a `Command` can
+//! start with.
 
 use prost::Message;
 
-use crate::proto;
+use crate::{proto, text};
 
 /// How many bytes of a bad command an error message quotes: enough to recognise it,
 /// without replicating a huge payload back in every error.
@@ -37,17 +38,8 @@ impl Command {
 }
 
 pub fn parse(bytes: &[u8]) -> Result<Command, String> {
-    if let Some(rest) = bytes.strip_prefix(b"get-") {
-        return Ok(Command::Get { key: text_key(bytes, rest)? });
-    }
-    if let Some(rest) = bytes.strip_prefix(b"delete-") {
-        return Ok(Command::Delete { key: text_key(bytes, rest)? });
-    }
-    if let Some(rest) = bytes.strip_prefix(b"set-") {
-        let Some(dash) = rest.iter().position(|&b| b == b'-') else {
-            return Err(format!("malformed command {}: expected set-K-V", quote(bytes)));
-        };
-        return Ok(Command::Set { key: text_key(bytes, &rest[..dash])?, value: rest[dash + 1..].to_vec() });
+    if let Some(text) = text::parse_command(bytes) {
+        return text;
     }
     if looks_like_text(bytes) {
         return Err(unknown(bytes));
@@ -65,17 +57,6 @@ pub fn parse(bytes: &[u8]) -> Result<Command, String> {
         proto::Op::Set => Command::Set { key, value: decoded.value },
         proto::Op::Delete => Command::Delete { key },
     })
-}
-
-/// A `get-`/`delete-` key is the whole rest of the line, so keys containing `-` (which
-/// only the protobuf form can set) stay reachable from the text form. Line endings are
-/// part of the key: the host strips them before proposing, so one that arrives here was
-/// meant.
-fn text_key(command: &[u8], key: &[u8]) -> Result<String, String> {
-    if key.is_empty() {
-        return Err(format!("malformed command {}: empty key", quote(command)));
-    }
-    String::from_utf8(key.to_vec()).map_err(|_| format!("malformed command {}: key is not UTF-8", quote(command)))
 }
 
 /// A meaningful protobuf `Command` always holds one of the tag bytes 0x08, 0x12 or 0x1a,

@@ -1,11 +1,13 @@
 //! The original project's text protocol: one command per line (`set-K-V`, `get-K`,
 //! `delete-K`), each proposed through the log and answered on the same connection, in
 //! order, with `OK: <value>` or `ERR: <why>` (`ERR: unknown outcome: <why>` when the
-//! command may have been applied). Usable with `nc`.
+//! command may have been applied). Usable with `nc`. The grammar of the lines is
+//! `kvcommand::text`, shared with the guests and the clients.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use kvcommand::text;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,30 +22,16 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 
 /// Whether a line is one of the three commands; anything else never reaches the log.
 pub fn validate(line: &str) -> Result<(), String> {
-    let key_ok = |rest: &str| !rest.is_empty() && !rest.starts_with('-');
-    let ok = if let Some(rest) = line.strip_prefix("set-") {
-        rest.split_once('-').is_some_and(|(k, _)| key_ok(k))
-    } else if let Some(rest) = line.strip_prefix("get-").or_else(|| line.strip_prefix("delete-")) {
-        key_ok(rest)
-    } else {
-        false
-    };
-    if ok {
-        Ok(())
-    } else {
-        let shown: String = line.chars().take(64).collect();
-        Err(format!("unknown command {shown:?} (expected set-K-V, get-K or delete-K)"))
-    }
+    text::parse_request(line).map(drop)
 }
 
 /// Render an outcome as one response line (without the newline).
 pub fn render(outcome: Outcome) -> String {
-    let oneline = |s: String| s.replace('\n', "\\n").replace('\r', "\\r");
     match outcome {
-        Outcome::Ok(v) => format!("OK: {}", oneline(String::from_utf8_lossy(&v).into_owned())),
-        Outcome::GuestError(e) | Outcome::Rejected(e) => format!("ERR: {}", oneline(e)),
-        Outcome::Unknown(e) => format!("ERR: unknown outcome: {}", oneline(e)),
-        Outcome::NotLeader(_) => "ERR: no leader available, retry later".to_string(),
+        Outcome::Ok(v) => text::format_ok(&v),
+        Outcome::GuestError(e) | Outcome::Rejected(e) => text::format_err(&e),
+        Outcome::Unknown(e) => text::format_unknown(&e),
+        Outcome::NotLeader(_) => text::format_err("no leader available, retry later"),
     }
 }
 
@@ -69,7 +57,8 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
         if line.last() != Some(&b'\n') {
             if n > MAX_LINE {
                 app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-                let _ = wr.write_all(format!("ERR: line longer than {MAX_LINE} bytes\n").as_bytes()).await;
+                let refusal = text::format_err(&format!("line longer than {MAX_LINE} bytes"));
+                let _ = wr.write_all(format!("{refusal}\n").as_bytes()).await;
             }
             // Otherwise the connection ended in the middle of a line: a command cut short
             // (a value missing its end) must not be applied.
@@ -90,7 +79,7 @@ async fn serve_conn(stream: TcpStream, app: Arc<App>) {
             Ok(cmd) => render(app.propose_or_forward(cmd.as_bytes().to_vec()).await),
             Err(why) => {
                 app.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-                format!("ERR: {why}")
+                text::format_err(&why)
             }
         };
         let mut out = reply.into_bytes();

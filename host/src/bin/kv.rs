@@ -1,7 +1,8 @@
 //! `kv --cluster A,B,C set K V | get K | delete K`: talk to the kvstore guest through any
 //! member. Prints the value (get) or `OK`; exits non-zero with a message on error
 //! (3 when the command may have been applied). `propose`/`query` send raw bytes, for
-//! any guest.
+//! any guest. Every flag can also be set as an environment variable `KV_<FLAG>` (e.g.
+//! `KV_CLUSTER`, `KV_TIMEOUT`, `KV_STALE`).
 
 use clap::{Parser, Subcommand};
 use host::client::{Client, ClientError};
@@ -14,7 +15,7 @@ struct Args {
     #[arg(long, env = "KV_CLUSTER", value_delimiter = ',', default_value = "127.0.0.1:11000")]
     cluster: Vec<String>,
     /// Give up after this many seconds of retrying (elections, unreachable members).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "KV_TIMEOUT", default_value_t = 20)]
     timeout: u64,
     #[command(subcommand)]
     cmd: Cmd,
@@ -28,7 +29,7 @@ enum Cmd {
     Get {
         key: String,
         /// Answer from the contacted member's state, without confirming leadership.
-        #[arg(long)]
+        #[arg(long, env = "KV_STALE")]
         stale: bool,
     },
     /// Delete a key.
@@ -38,7 +39,8 @@ enum Cmd {
     /// Send a raw read-only query (any guest).
     Query {
         request: String,
-        #[arg(long)]
+        /// Answer from the contacted member's state, without confirming leadership.
+        #[arg(long, env = "KV_STALE")]
         stale: bool,
     },
 }

@@ -3,15 +3,15 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use super::{JoinReply, JoinRequest};
 use crate::admin::TOKEN_HEADER;
 use crate::backoff::Backoff;
+use crate::http_client::HttpClient;
 
 /// A leader may hold a join until the learner has caught up (see `policy`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(150);
+/// A join answer is small; a seed that sends more is not one of ours.
+const MAX_ANSWER: usize = 1 << 20;
 
 /// Why a join ended without this node in the cluster: nothing that retrying could fix.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,8 @@ pub async fn join_cluster(
     token: &str,
     bind: impl Fn(&str) -> Result<(), String>,
 ) -> Result<(), JoinError> {
+    let http = HttpClient::new(CALL_TIMEOUT).with_max_body(MAX_ANSWER);
+    let headers: Vec<(&str, &str)> = if token.is_empty() { vec![] } else { vec![(TOKEN_HEADER, token)] };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut next: Option<String> = None;
     let mut i = 0usize;
@@ -42,8 +44,9 @@ pub async fn join_cluster(
             seeds[(i - 1) % seeds.len()].clone()
         });
         let body = serde_json::to_string(&req).unwrap_or_default();
-        match post_json(&addr, "/join", token, &body, CALL_TIMEOUT).await {
-            Ok((code, text)) => {
+        match http.post_json(&addr, "/join", body.as_bytes(), &headers).await {
+            Ok(answer) => {
+                let (code, text) = (answer.status, answer.text());
                 let r: Option<JoinReply> = serde_json::from_str(&text).ok();
                 let msg = r.as_ref().map_or(text.clone(), |r| r.message.clone());
                 let given = r.as_ref().and_then(|r| r.cluster_id.clone());
@@ -72,77 +75,5 @@ pub async fn join_cluster(
             Err(e) => tracing::info!(via = %addr, error = %e, "join attempt failed; retrying"),
         }
         backoff.sleep().await;
-    }
-}
-
-/// A minimal HTTP/1.1 POST (the only client call the host makes is `/join` on a peer).
-async fn post_json(
-    addr: &str,
-    path: &str,
-    token: &str,
-    body: &str,
-    timeout: Duration,
-) -> std::io::Result<(u16, String)> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
-        );
-        if !token.is_empty() {
-            req.push_str(&format!("{TOKEN_HEADER}: {token}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).await?;
-        // A join answer is small; a seed that sends more is not one of ours.
-        let mut resp = Vec::new();
-        (&mut s).take(1 << 20).read_to_end(&mut resp).await?;
-        parse_response(&resp)
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}{path} timed out")))?
-}
-
-fn parse_response(resp: &[u8]) -> std::io::Result<(u16, String)> {
-    let text = String::from_utf8_lossy(resp);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Ok((code, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_responses() {
-        let plain = b"HTTP/1.1 409 Conflict\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(parse_response(plain).expect("parse"), (409, "hello".to_string()));
-        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).expect("parse"), (200, "abcde".to_string()));
-        assert!(parse_response(b"garbage").is_err());
     }
 }
