@@ -166,12 +166,33 @@ impl Opts {
         Ok(token)
     }
 
-    /// The address peers and clients should use for a bound address.
+    /// The address peers and clients should use for a bound address. An IPv6 host is
+    /// bracketed, as `host:port` needs.
     pub fn advertised(&self, bind: &str) -> String {
         match (&self.advertise_host, bind.rsplit_once(':')) {
+            (Some(h), Some((_, port))) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{port}"),
             (Some(h), Some((_, port))) => format!("{h}:{port}"),
             _ => bind.to_string(),
         }
+    }
+
+    /// Refuses to advertise an address nobody can reach: a member bound to all
+    /// interfaces must say which name or address the others should use.
+    pub fn check_advertised(&self) -> Result<(), String> {
+        for (flag, bind) in
+            [("--raft-addr", &self.raft_addr), ("--admin-addr", &self.admin_addr), ("--client-addr", &self.client_addr)]
+        {
+            let addr = self.advertised(bind);
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+                return Err(format!(
+                    "{flag} {bind} binds every interface, and {addr} cannot be reached by other members: \
+                     set --advertise-host to this member's name or address"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -212,5 +233,20 @@ mod tests {
     fn advertise_keeps_the_port() {
         let o = Opts::try_parse_from(["host", "--fsm", "x", "--advertise-host", "node2"]).expect("parse");
         assert_eq!(o.advertised("0.0.0.0:12000"), "node2:12000");
+        assert!(o.check_advertised().is_ok());
+        let v6 = Opts::try_parse_from(["host", "--fsm", "x", "--advertise-host", "fd00::2"]).expect("parse");
+        assert_eq!(v6.advertised("[::]:12000"), "[fd00::2]:12000");
+        let bracketed = Opts::try_parse_from(["host", "--fsm", "x", "--advertise-host", "[fd00::2]"]).expect("parse");
+        assert_eq!(bracketed.advertised("[::]:12000"), "[fd00::2]:12000");
+    }
+
+    #[test]
+    fn binding_every_interface_needs_an_advertised_host() {
+        let o = Opts::try_parse_from(["host", "--fsm", "x", "--raft-addr", "0.0.0.0:12000"]).expect("parse");
+        let why = o.check_advertised().expect_err("0.0.0.0 advertised");
+        assert!(why.contains("--raft-addr") && why.contains("--advertise-host"), "{why}");
+        let o = Opts::try_parse_from(["host", "--fsm", "x", "--admin-addr", "[::]:13000"]).expect("parse");
+        assert!(o.check_advertised().expect_err("[::] advertised").contains("--admin-addr"));
+        assert!(Opts::try_parse_from(["host", "--fsm", "x"]).expect("parse").check_advertised().is_ok());
     }
 }

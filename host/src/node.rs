@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
+
 use openraft::storage::RaftLogStorage;
 use openraft::{Config, SnapshotPolicy};
 use tokio::net::TcpListener;
@@ -45,6 +47,10 @@ pub enum StartError {
     /// openraft refused to start or to bootstrap.
     #[error("{0}")]
     Raft(String),
+    /// The leader removed this member from its cluster: it stops, and will not start on
+    /// this data dir again.
+    #[error("removed from cluster {0} by its leader; this member stops")]
+    Removed(String),
     /// Raft stopped under a running member (a storage error, a failed guest install):
     /// serving on would answer from a state that no longer follows the log.
     #[error("raft stopped: {0}; exiting so that the member restarts from its snapshot and log")]
@@ -56,12 +62,21 @@ impl StartError {
         match self {
             StartError::Guest(_) | StartError::Input(_) | StartError::Profile(_) | StartError::Join(_) => 2,
             StartError::Storage(_) | StartError::Raft(_) | StartError::RaftStopped(_) => 1,
+            // Done as asked: a supervisor that restarts only on failure leaves it stopped.
+            StartError::Removed(_) => 0,
         }
     }
 }
 
 /// How long a stopping member waits for proposals in flight to be answered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping leader tries to hand its leadership over first.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// In the data dir once this member was removed from its cluster (holds the cluster id).
+const REMOVED_MARK: &str = "removed";
+/// In the data dir while this member has asked to be a voter and is not one yet: a
+/// restart without `--join` finishes the join.
+const WANTS_VOTER_MARK: &str = "wants-voter";
 
 /// Run a member until `shutdown` completes.
 pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
@@ -127,11 +142,14 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     );
     tasks.extend(serve(ports, &app, lease));
 
+    tasks.push(Some(tokio::spawn(crate::admin::members::finish_joint_changes(app.clone()))));
+
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<StartError>(1);
+    let seeds = join_seeds(&opts, &inputs, &raft);
     if !has_log && opts.join.is_empty() {
         bootstrap(&opts, &inputs, &me, &raft, member).await?;
-    } else if !opts.join.is_empty() {
-        tasks.push(Some(tokio::spawn(join(&opts, &inputs, me.clone(), member, has_log, fatal_tx))));
+    } else if !seeds.is_empty() {
+        tasks.push(Some(tokio::spawn(join(&opts, &inputs, seeds, me.clone(), member, has_log, fatal_tx))));
     }
     tracing::info!(
         id = opts.id,
@@ -143,15 +161,28 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         "member started"
     );
 
+    let mut removed = app.removed.subscribe();
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
         Some(e) = fatal_rx.recv() => Err(e),
+        Ok(()) = removed.wait_for(|r| *r).map(|r| r.map(|_| ())) => {
+            let cluster = me.cluster().unwrap_or_default().to_string();
+            if let Err(e) = crate::store::files::write_file_durably(&inputs.data_dir.join(REMOVED_MARK), cluster.as_bytes()) {
+                tracing::error!(error = %e, "could not record the removal in the data dir");
+            }
+            Err(StartError::Removed(cluster))
+        }
         why = raft_stopped(&raft) => {
             tracing::error!(%why, "raft stopped; this member exits");
             Err(StartError::RaftStopped(why))
         }
     };
     tracing::info!("shutting down");
+    // A leader stopped on purpose hands over first, so that the cluster does not wait
+    // out an election timeout (and the successor is one that holds the whole log).
+    if outcome.is_ok() && raft.metrics().borrow().state == openraft::ServerState::Leader {
+        let _ = crate::admin::members::hand_over(&app, None, HAND_OVER_TIMEOUT).await;
+    }
     for t in tasks.iter().flatten() {
         t.abort();
     }
@@ -194,6 +225,14 @@ impl Inputs {
         };
         // Nothing is written here: a start that fails before it bootstraps or joins must
         // leave the data dir as fresh as it found it.
+        if let Ok(cluster) = std::fs::read_to_string(data_dir.join(REMOVED_MARK)) {
+            return Err(StartError::Input(format!(
+                "{} was removed from cluster {cluster}: to take part again, clear the data dir and join as a \
+                 new member",
+                data_dir.display()
+            )));
+        }
+        opts.check_advertised().map_err(StartError::Input)?;
         let found = identity::read(&data_dir).map_err(StartError::Input)?;
         if let Some(f) = &found {
             identity::check_same_node(&data_dir, f, &node_file).map_err(StartError::Input)?;
@@ -341,11 +380,29 @@ async fn bootstrap(opts: &Opts, inputs: &Inputs, me: &Identity, raft: &Raft, mem
     raft.initialize(BTreeMap::from([(opts.id, member)])).await.map_err(|e| StartError::Raft(format!("bootstrap: {e}")))
 }
 
-/// Asks the `--join` seeds to add this member; a refusal retrying cannot fix goes to
-/// `fatal`.
+/// Whom to ask to add this member: the `--join` seeds, or, for a member that asked to be
+/// a voter and stopped before it was made one, the members it knows.
+fn join_seeds(opts: &Opts, inputs: &Inputs, raft: &Raft) -> Vec<String> {
+    if !opts.join.is_empty() {
+        return opts.join.clone();
+    }
+    if !inputs.data_dir.join(WANTS_VOTER_MARK).exists() {
+        return Vec::new();
+    }
+    let m = raft.metrics().borrow().membership_config.clone();
+    if m.membership().voter_ids().any(|v| v == opts.id) {
+        let _ = std::fs::remove_file(inputs.data_dir.join(WANTS_VOTER_MARK));
+        return Vec::new();
+    }
+    tracing::info!("this member asked to be a voter and is not one yet; asking again");
+    m.membership().nodes().filter(|(id, _)| **id != opts.id).map(|(_, n)| n.admin_addr.clone()).collect()
+}
+
+/// Asks `seeds` to add this member; a refusal retrying cannot fix goes to `fatal`.
 fn join(
     opts: &Opts,
     inputs: &Inputs,
+    seeds: Vec<String>,
     me: Arc<Identity>,
     member: Member,
     has_log: bool,
@@ -364,8 +421,13 @@ fn join(
         cluster_id: me.cluster().map(str::to_string),
         empty_log: !has_log,
     };
-    let (seeds, token, dir, node_file) =
-        (opts.join.clone(), inputs.token.clone(), inputs.data_dir.clone(), inputs.node_file.clone());
+    let (token, dir, node_file) = (inputs.token.clone(), inputs.data_dir.clone(), inputs.node_file.clone());
+    let wants_voter = dir.join(WANTS_VOTER_MARK);
+    if !opts.learner {
+        if let Err(e) = crate::store::files::write_file_durably(&wants_voter, b"") {
+            tracing::warn!(error = %e, "could not record that this member asks to be a voter");
+        }
+    }
     async move {
         // Binds this member to the cluster that accepted it, durably, before it asks to
         // be added (see `join::JoinRequest`).
@@ -378,8 +440,13 @@ fn join(
             identity::write(&dir, &file)?;
             me.set_cluster(cluster)
         };
-        if let Err(e) = join_cluster(&seeds, req, &token, bind).await {
-            let _ = fatal.send(e.into()).await;
+        match join_cluster(&seeds, req, &token, bind).await {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&wants_voter);
+            }
+            Err(e) => {
+                let _ = fatal.send(e.into()).await;
+            }
         }
     }
 }

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::history::{History, Op, Outcome};
+use common::workload::{collect, final_values, start_clients};
 use common::*;
-use host::client::{Client, ClientError};
-use kvcommand::proto::{encode, Op as KvOp};
 
 /// Compaction after every 100 entries, keeping 10: a member that misses a few hundred
 /// entries can only come back through a snapshot.
@@ -65,67 +64,6 @@ fn t10_entries_after_an_installed_snapshot_survive_a_restart() {
     c.wait_converged();
 }
 
-/// Each client owns some keys and writes 1, 2, 3, ... to them in turn, reading other
-/// keys in between; everything is recorded for the history check.
-async fn client_loop(addrs: Vec<String>, me: usize, keys: usize, stop: Arc<AtomicBool>) -> History {
-    let mut history = History::default();
-    let make = || {
-        let mut c = Client::new(addrs.clone());
-        c.deadline = Duration::from_secs(5);
-        c
-    };
-    let mut client = make();
-    let mut next = vec![1u64; keys];
-    let mut round = 0usize;
-    while !stop.load(Ordering::Relaxed) {
-        round += 1;
-        let k = round % keys;
-        let key = format!("c{me}-k{k}");
-        let start = Instant::now();
-        if round.is_multiple_of(3) {
-            // A read of another client's key, linearizable.
-            let other = format!("c{}-k{k}", (me + 1) % CLIENTS);
-            let read =
-                tokio::time::timeout(Duration::from_secs(10), client.query(encode(KvOp::Get, &other, b""), false));
-            match read.await {
-                Ok(Ok(v)) => {
-                    let value = String::from_utf8_lossy(&v).parse().expect("values are numbers");
-                    history.record(&other, Op::Read { value }, start, Instant::now());
-                }
-                Ok(Err(ClientError::Guest(e))) if e.contains("not found") => {
-                    history.record(&other, Op::Read { value: 0 }, start, Instant::now());
-                }
-                Ok(Err(_)) => {}
-                Err(_) => client = make(),
-            }
-            continue;
-        }
-        let value = next[k];
-        next[k] += 1;
-        let write = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.propose(encode(KvOp::Set, &key, value.to_string().as_bytes())),
-        );
-        let outcome = match write.await {
-            Ok(Ok(_)) => Outcome::Ok,
-            Ok(Err(ClientError::Rejected(_) | ClientError::Unavailable(_) | ClientError::BadRequest(_))) => {
-                Outcome::Failed
-            }
-            Ok(Err(ClientError::Guest(e))) => panic!("kvstore refused a set: {e}"),
-            Ok(Err(ClientError::UnknownOutcome(_))) => Outcome::Unknown,
-            Err(_) => {
-                client = make();
-                Outcome::Unknown
-            }
-        };
-        history.record(&key, Op::Write { value, outcome }, start, Instant::now());
-    }
-    history
-}
-
-const CLIENTS: usize = 4;
-const KEYS_PER_CLIENT: usize = 5;
-
 /// xorshift, seeded from the clock and printed, so a failing schedule can be replayed
 /// with `CHAOS_SEED`.
 struct Rng(u64);
@@ -155,8 +93,7 @@ fn t20_overlapping_crashes_and_restarts_lose_nothing() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let clients: Vec<_> =
-        (0..CLIENTS).map(|me| rt.spawn(client_loop(addrs.clone(), me, KEYS_PER_CLIENT, stop.clone()))).collect();
+    let clients = start_clients(&rt, &addrs, &stop);
 
     let mut faults = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -197,33 +134,14 @@ fn t20_overlapping_crashes_and_restarts_lose_nothing() {
     c.wait_voters(3);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
-    let mut history = History::default();
-    for h in clients {
-        history.merge(rt.block_on(h).expect("client task"));
-    }
+    let history = rt.block_on(collect(clients));
     eprintln!("faults: {}", faults.join(", "));
     eprintln!("{} acknowledged writes, {} reads", history.acknowledged_writes(), history.reads());
 
     c.wait_converged();
     let installs: u64 = c.nodes.iter().map(|n| metric(n, "wasm_raft_snapshots_installed_total")).sum();
     eprintln!("snapshot installs since the last restarts: {installs}");
-    let mut finals = BTreeMap::new();
-    let reader = {
-        let mut r = Client::new(addrs.clone());
-        r.deadline = Duration::from_secs(20);
-        r
-    };
-    for me in 0..CLIENTS {
-        for k in 0..KEYS_PER_CLIENT {
-            let key = format!("c{me}-k{k}");
-            let value = match rt.block_on(reader.query(encode(KvOp::Get, &key, b""), false)) {
-                Ok(v) => String::from_utf8_lossy(&v).parse().expect("a number"),
-                Err(ClientError::Guest(e)) if e.contains("not found") => 0,
-                Err(e) => panic!("final read of {key}: {e}"),
-            };
-            finals.insert(key, value);
-        }
-    }
+    let finals = rt.block_on(final_values(&addrs));
     let violations = history.violations(&finals);
     assert!(
         violations.is_empty(),

@@ -1,5 +1,9 @@
-//! Admin HTTP: `GET /status`, `GET /metrics`, `POST /join` (handled by `join::policy`).
+//! Admin HTTP: `GET /status`, `GET /metrics`, `POST /join` (handled by `join::policy`),
+//! and the membership operations in `members` (`GET /members`, `POST /members/remove`,
+//! `/members/demote`, `/members/promote`, `/leader/transfer`).
 
+pub mod members;
+pub mod operator;
 pub mod status;
 
 use std::sync::Arc;
@@ -29,6 +33,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/status", get(status::handle))
         .route("/metrics", get(metrics))
         .route("/join", post(crate::join::policy::handle))
+        .route("/members", get(members::list))
+        .route("/members/remove", post(members::remove))
+        .route("/members/demote", post(members::demote))
+        .route("/members/promote", post(members::promote))
+        .route("/leader/transfer", post(members::transfer))
+        .route("/leader/elect", post(members::elect))
+        .route("/removed", post(members::removed))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app);
     crate::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {

@@ -40,6 +40,8 @@ pub struct Status {
     pub committed: u64,
     pub snapshot_index: Option<u64>,
     pub members: Vec<MemberStatus>,
+    /// A membership change is in joint consensus (two voter sets in force).
+    pub joint: bool,
     pub fsm_sha256: String,
     pub fsm_config: Vec<(String, String)>,
     pub state_digest: String,
@@ -55,7 +57,7 @@ fn state_name(s: ServerState) -> &'static str {
     }
 }
 
-fn members(app: &App) -> Vec<MemberStatus> {
+pub(super) fn members(app: &App) -> Vec<MemberStatus> {
     let m = app.raft.metrics().borrow().membership_config.clone();
     let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
     m.membership()
@@ -88,6 +90,7 @@ pub async fn current_status(app: &App) -> Result<Status, String> {
         committed: m.last_applied.map_or(0, |l| l.index).max(applied.last_applied.map_or(0, |l| l.index)),
         snapshot_index: m.snapshot.map(|l| l.index),
         members: members(app),
+        joint: m.membership_config.membership().get_joint_config().len() > 1,
         fsm_sha256: app.fsm_sha256.clone(),
         fsm_config: app.fsm_config.clone(),
         state_digest: hex::encode(applied.digest),

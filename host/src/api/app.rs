@@ -40,6 +40,11 @@ pub struct App {
     lease: Arc<Lease>,
     /// Set when the member stops: new proposals are refused.
     stopping: std::sync::atomic::AtomicBool,
+    /// Set while this leader hands its leadership over: proposals are answered "not the
+    /// leader" (nothing appended), so clients retry with the next one.
+    pub handing_over: std::sync::atomic::AtomicBool,
+    /// Set once the leader has told this member that it was removed from the cluster.
+    pub removed: tokio::sync::watch::Sender<bool>,
     /// Connections served at once on each client-facing port (binary and text).
     pub max_connections: usize,
     /// Bytes of client requests (in KiB) this member holds at once, across connections:
@@ -88,6 +93,8 @@ impl App {
             forwarder: tokio::sync::OnceCell::new(),
             lease,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
+            removed: tokio::sync::watch::Sender::new(false),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             request_budget: Arc::new(Semaphore::new(budget_units(DEFAULT_REQUEST_BUDGET, max_frame))),
         }
@@ -140,6 +147,10 @@ impl App {
         self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
         if self.stopping.load(Ordering::Relaxed) {
             reply.answer(Outcome::Rejected("member is stopping".into()), &self.metrics);
+            return;
+        }
+        if self.handing_over.load(Ordering::Relaxed) {
+            reply.answer(Outcome::NotLeader(None), &self.metrics);
             return;
         }
         if command.len() > MAX_COMMAND_BYTES {

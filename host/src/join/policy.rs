@@ -18,7 +18,7 @@ use crate::api::App;
 use crate::identity::PROTOCOL_VERSION;
 use crate::types::{Member, NodeId};
 
-fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
+pub(crate) fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
     let ok = code.is_success();
     (code, Json(JoinReply { ok, message: message.into(), leader_admin, cluster_id: None })).into_response()
 }
@@ -26,6 +26,30 @@ fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<Stri
 fn accepted(code: StatusCode, message: String, cluster_id: &str) -> Response {
     let r = JoinReply { ok: true, message, leader_admin: None, cluster_id: Some(cluster_id.to_string()) };
     (code, Json(r)).into_response()
+}
+
+/// Refuses a request without the cluster token, when the cluster has one: joins and
+/// membership changes are the cluster's own business.
+pub(crate) fn authorized(app: &App, headers: &HeaderMap) -> Result<(), Response> {
+    if app.token.is_empty() {
+        return Ok(());
+    }
+    let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if crate::net::same_secret(given.as_bytes(), app.token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(reply(StatusCode::UNAUTHORIZED, "wrong or missing cluster token", None))
+    }
+}
+
+/// Answers 421 with the leader's admin address (when known) unless this member leads.
+pub(crate) fn must_lead(app: &App) -> Result<(), Response> {
+    let m = app.raft.metrics().borrow().clone();
+    if m.current_leader == Some(app.id) && m.state == ServerState::Leader {
+        return Ok(());
+    }
+    let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
+    Err(reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin))
 }
 
 /// Why node `req.id` may not take its place in `membership`, if it may not.
@@ -77,12 +101,9 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
     if req.member_uid.is_empty() {
         return reply(StatusCode::BAD_REQUEST, "malformed join request: no member_uid", None);
     }
-    if !app.token.is_empty() {
-        let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !crate::net::same_secret(given.as_bytes(), app.token.as_bytes()) {
-            tracing::warn!(node = req.id, "join refused: wrong cluster token");
-            return reply(StatusCode::UNAUTHORIZED, "wrong or missing cluster token", None);
-        }
+    if let Err(refused) = authorized(&app, &headers) {
+        tracing::warn!(node = req.id, "join refused: wrong cluster token");
+        return refused;
     }
     if req.fsm_sha256 != app.fsm_sha256 {
         return reply(
@@ -121,9 +142,8 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
         );
     }
     let m = app.raft.metrics().borrow().clone();
-    if m.current_leader != Some(app.id) {
-        let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
-        return reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin);
+    if let Err(not_leader) = must_lead(&app) {
+        return not_leader;
     }
     let node = Member {
         raft_addr: req.raft_addr.clone(),
@@ -180,7 +200,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
 
 /// Waits until this leader has replicated to `id` within openraft's replication lag
 /// threshold of its last log index (openraft's own test before it calls a learner caught up).
-async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result<(), Response> {
+pub(crate) async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result<(), Response> {
     let threshold = app.raft.config().replication_lag_threshold;
     let done = app
         .raft
@@ -205,7 +225,7 @@ async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result<(), Respon
     }
 }
 
-fn membership_error(app: &App, e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Response {
+pub(crate) fn membership_error(app: &App, e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Response {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
             let leader_admin = f.leader_id.and_then(|l| app.member(l)).map(|n| n.admin_addr);

@@ -57,9 +57,16 @@ impl Cluster {
     /// Starts one more node that joins through every running member's admin address (the
     /// comma-separated form of `--join`). Returns its index; it is not waited for.
     pub fn add_node(&mut self) -> usize {
+        self.add_node_with(&[])
+    }
+
+    /// [`Cluster::add_node`] with flags of its own besides the cluster's.
+    pub fn add_node_with(&mut self, flags: &[&str]) -> usize {
         let join = self.running().map(|i| self.nodes[i].admin_addr.clone()).collect::<Vec<_>>().join(",");
         let id = self.nodes.len() as u64 + 1;
-        let node = Node::start(id, self.dir.path(), &self.fsm, &self.extra, Some(&join));
+        let mut extra = self.extra.clone();
+        extra.extend(flags.iter().map(|f| f.to_string()));
+        let node = Node::start(id, self.dir.path(), &self.fsm, &extra, Some(&join));
         self.nodes.push(node);
         self.nodes.len() - 1
     }

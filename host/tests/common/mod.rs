@@ -13,7 +13,8 @@
 //! - [`http`]: admin calls (through `host::http_client`) and `/status` fields;
 //! - [`kv_ops`]: writes and reads through the `kv` binary;
 //! - [`node`]: one `host` process; [`cluster`]: several, and waiting on their status;
-//! - [`history`]: recorded client operations and their checker.
+//! - [`history`]: recorded client operations and their checker; [`workload`]: the clients
+//!   that record them.
 //!
 //! Everything is re-exported here, so a test file says `use common::*;`.
 
@@ -28,6 +29,7 @@ pub mod kv_ops;
 pub mod node;
 pub mod paths;
 pub mod process;
+pub mod workload;
 
 pub use cluster::*;
 pub use http::*;

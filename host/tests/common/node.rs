@@ -194,6 +194,11 @@ impl Node {
         }
     }
 
+    /// Drops `flag` from the flags later restarts use (e.g. `--learner`).
+    pub fn forget_flag(&mut self, flag: &str) {
+        self.args.retain(|a| a != flag);
+    }
+
     pub fn status(&self) -> Value {
         try_status(&self.admin_addr).unwrap_or_else(|e| panic!("node {}: {e}", self.id))
     }
