@@ -52,6 +52,13 @@ pub struct Opts {
     #[arg(long, env = "HOST_LEARNER")]
     pub learner: bool,
 
+    /// Recovery after losing a majority: this member, of the cluster with this id, goes
+    /// on alone as a new cluster (a new id) with its log and state. Entries only the lost
+    /// members held are lost, and entries only this member held are committed; the other
+    /// members must be wiped and join again. See the README before using it.
+    #[arg(long, env = "HOST_FORCE_NEW_CLUSTER", value_name = "CLUSTER_ID")]
+    pub force_new_cluster: Option<String>,
+
     /// Guest settings, `K=V`, handed to the guest's `init` in order. Part of the guest's
     /// identity: every member must use the same.
     #[arg(long = "fsm-config", env = "HOST_FSM_CONFIG", value_delimiter = ';', value_parser = parse_kv)]

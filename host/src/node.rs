@@ -80,7 +80,7 @@ const WANTS_VOTER_MARK: &str = "wants-voter";
 
 /// Run a member until `shutdown` completes.
 pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let inputs = Inputs::check(&opts)?;
+    let mut inputs = Inputs::check(&opts)?;
     // Ports before anything slow, so a clash is reported at once.
     let ports = Ports::bind(&opts).await?;
     let profiles = Profiles::start(opts.cpuprofile.as_deref(), opts.memprofile.as_deref()).await?;
@@ -92,8 +92,18 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         ),
         None => None,
     };
-    let (log, has_log) = open_log(&opts, &inputs.data_dir).await?;
+    let (mut log, has_log) = open_log(&opts, &inputs.data_dir).await?;
+    let member = Member {
+        raft_addr: opts.advertised(&opts.raft_addr),
+        admin_addr: opts.advertised(&opts.admin_addr),
+        client_addr: opts.advertised(&opts.client_addr),
+        uid: String::new(),
+    };
+    if let Some(cluster) = &opts.force_new_cluster {
+        force_new_cluster(&opts, &mut inputs, &mut log, cluster, member.clone()).await?;
+    }
     let me = resolve_identity(&opts, &inputs, has_log)?;
+    let member = Member { uid: me.uid.clone(), ..member };
     let sm = StateMachine::open(
         &inputs.data_dir.join("snapshots"),
         GuestSpec {
@@ -118,12 +128,6 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         .map_err(|e| StartError::Raft(format!("starting raft: {e}")))?;
     let mut tasks = vec![hold_candidacy(&raft, &lease)];
 
-    let member = Member {
-        raft_addr: opts.advertised(&opts.raft_addr),
-        admin_addr: opts.advertised(&opts.admin_addr),
-        client_addr: opts.advertised(&opts.client_addr),
-        uid: me.uid.clone(),
-    };
     let app = Arc::new(
         App::new(
             me.clone(),
@@ -314,6 +318,56 @@ fn resolve_identity(opts: &Opts, inputs: &Inputs, has_log: bool) -> Result<Arc<I
         }
     }
     Ok(Arc::new(Identity::new(opts.id, resolved.member_uid, resolved.cluster_id)))
+}
+
+/// `--force-new-cluster ID`: makes this member the only voter of a new cluster, in a term
+/// above any it has seen, with its log and state; the new cluster id goes to `node.json`.
+/// Naming the old cluster's id makes the flag one-shot: left on for a later start, it
+/// names a cluster this member no longer belongs to, and start-up refuses.
+async fn force_new_cluster(
+    opts: &Opts,
+    inputs: &mut Inputs,
+    log: &mut LogStore,
+    cluster: &str,
+    member: Member,
+) -> Result<(), StartError> {
+    let found = inputs.found.clone().filter(|f| f.cluster_id.is_some());
+    let Some(file) = found else {
+        return Err(StartError::Input(format!(
+            "--force-new-cluster: {} holds no member of a cluster to recover",
+            inputs.data_dir.display()
+        )));
+    };
+    let (Some(ours), Some(uid)) = (file.cluster_id.clone(), file.member_uid.clone()) else {
+        return Err(StartError::Input("--force-new-cluster: node.json has no cluster id or member uid".into()));
+    };
+    if ours != cluster {
+        return Err(StartError::Input(format!(
+            "--force-new-cluster {cluster}: this member belongs to cluster {ours} (a cluster recovered earlier \
+             gets a new id: remove the flag)"
+        )));
+    }
+    let storage = |e: &dyn std::fmt::Display| StartError::Storage(format!("--force-new-cluster: {e}"));
+    let state = log.get_log_state().await.map_err(|e| storage(&e))?;
+    let vote = log.read_vote().await.map_err(|e| storage(&e))?.unwrap_or_default();
+    let last = state.last_log_id;
+    let term = vote.leader_id().term.max(last.map_or(0, |l| l.leader_id.term)) + 1;
+    let me = Member { uid, ..member };
+    let membership =
+        openraft::Membership::new(vec![std::collections::BTreeSet::from([opts.id])], BTreeMap::from([(opts.id, me)]));
+    let entry = crate::types::Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term, opts.id), last.map_or(0, |l| l.index + 1)),
+        payload: openraft::EntryPayload::Membership(membership),
+    };
+    log.append_before_start(entry).map_err(|e| storage(&e))?;
+    log.save_vote(&openraft::Vote::new(term, opts.id)).await.map_err(|e| storage(&e))?;
+    let new_id = identity::random_id();
+    let file = NodeFile { cluster_id: Some(new_id.clone()), ..file };
+    identity::write(&inputs.data_dir, &file).map_err(StartError::Input)?;
+    tracing::warn!(old = %cluster, new = %new_id, term, "forced a new cluster: this member is its only voter; \
+        wipe the other members before they join it");
+    inputs.found = Some(file);
+    Ok(())
 }
 
 fn raft_config(opts: &Opts) -> Result<Config, StartError> {

@@ -228,3 +228,62 @@ fn t50_a_joiner_stopped_as_a_learner_finishes_its_join_on_restart() {
     c.wait_voters(4);
     assert!(!c.nodes[i].data_dir.join("wants-voter").exists(), "the mark goes once it votes");
 }
+
+/// A majority is lost for good: the survivor, started with `--force-new-cluster` and its
+/// cluster's id, goes on alone as a new cluster with everything acknowledged; a lost
+/// member that comes back is refused by it (another cluster) until it is wiped and joins;
+/// the flag left on for a later start is refused.
+#[test]
+fn t60_a_survivor_forces_a_new_cluster_after_losing_the_majority() {
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    set_many(&c.client_addrs(), 0..100, 4);
+    let old_id = field_str(&c.nodes[0].status(), "cluster_id").to_string();
+    let survivor = 0;
+    c.wait_caught_up(survivor);
+    c.nodes[1].kill9();
+    c.nodes[2].kill9();
+    c.nodes[survivor].terminate();
+
+    c.nodes[survivor].add_flags(&["--force-new-cluster", &old_id]);
+    c.nodes[survivor].restart();
+    let alone = c.nodes[survivor].client_addr.clone();
+    c.wait_until("the survivor to lead alone", |c| {
+        let s = try_status(&c.nodes[survivor].admin_addr)?;
+        if s["state"] == "Leader" && voter_ids(&s) == vec![1] {
+            Ok(())
+        } else {
+            Err(format!("{s}"))
+        }
+    });
+    let new_id = field_str(&c.nodes[survivor].status(), "cluster_id").to_string();
+    assert_ne!(new_id, old_id, "a forced cluster is a new cluster");
+    assert_all_readable(&alone, 0..100, 4);
+    set_many(&alone, 100..120, 2);
+
+    // Left on, the flag names a cluster this member no longer belongs to.
+    c.nodes[survivor].terminate();
+    c.nodes[survivor].restart();
+    let status = wait_exit(&mut c.nodes[survivor]);
+    assert_eq!(status.code(), Some(2));
+    assert!(c.nodes[survivor].log_tail().contains("remove the flag"), "{}", c.nodes[survivor].log_tail());
+    c.nodes[survivor].forget_flag("--force-new-cluster");
+    c.nodes[survivor].forget_flag(&old_id);
+    c.nodes[survivor].restart();
+
+    // An old member back with its data belongs to the old cluster: refused.
+    let seeds = c.nodes[survivor].admin_addr.clone();
+    c.nodes[1].restart_joining(&seeds);
+    wait_exit(&mut c.nodes[1]);
+    assert!(c.nodes[1].log_tail().contains("cluster id mismatch"), "{}", c.nodes[1].log_tail());
+    std::fs::remove_dir_all(&c.nodes[1].data_dir).expect("wipe");
+    c.nodes[1].restart_joining(&seeds);
+    c.wait_until("the wiped member to vote", |c| {
+        let s = try_status(&c.nodes[survivor].admin_addr)?;
+        if voter_ids(&s).len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{s}"))
+        }
+    });
+    assert_all_readable(&c.nodes[1].client_addr, 0..120, 4);
+}

@@ -1,8 +1,9 @@
 //! `kv --cluster A,B,C set K V | get K | delete K`: talk to the kvstore guest through any
 //! member. Prints the value (get) or `OK`; exits non-zero with a message on error
 //! (3 when the command may have been applied). `propose`/`query` send raw bytes, for
-//! any guest. Every flag can also be set as an environment variable `KV_<FLAG>` (e.g.
-//! `KV_CLUSTER`, `KV_TIMEOUT`, `KV_STALE`).
+//! any guest. `members`, `remove`, `demote`, `promote` and `transfer-leader` change the
+//! membership through the admin API (`--admin`). Every flag can also be set as an
+//! environment variable `KV_<FLAG>` (e.g. `KV_CLUSTER`, `KV_TIMEOUT`, `KV_STALE`).
 
 use clap::{Parser, Subcommand};
 use host::admin::operator::{self, OperatorError};

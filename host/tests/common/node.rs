@@ -194,6 +194,11 @@ impl Node {
         }
     }
 
+    /// Adds flags for later restarts.
+    pub fn add_flags(&mut self, flags: &[&str]) {
+        self.args.extend(flags.iter().map(|f| f.to_string()));
+    }
+
     /// Drops `flag` from the flags later restarts use (e.g. `--learner`).
     pub fn forget_flag(&mut self, flag: &str) {
         self.args.retain(|a| a != flag);

@@ -248,6 +248,12 @@ impl LogStore {
         }
     }
 
+    /// Appends `entry` durably outside openraft, before Raft starts on this log: for the
+    /// membership entry of a forced new cluster (`node::force_new_cluster`).
+    pub fn append_before_start(&self, entry: Entry) -> io::Result<()> {
+        self.write_entries(vec![entry])
+    }
+
     pub fn shared(&self) -> SharedLog {
         self.mem.clone()
     }
