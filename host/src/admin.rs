@@ -187,6 +187,10 @@ pub struct JoinRequest {
     /// entries it would not hold.
     #[serde(default)]
     pub empty_log: bool,
+    /// `--fuel-per-entry` and `--guest-memory-mb`; absent from releases before they were
+    /// compared.
+    #[serde(flatten)]
+    pub limits: Option<crate::identity::GuestLimits>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -300,6 +304,9 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body:
             ),
             None,
         );
+    }
+    if let Some(why) = crate::identity::refuse_limits(req.id, req.limits.as_ref(), &app.sm.limits().pinned()) {
+        return reply(StatusCode::CONFLICT, why, None);
     }
     let Some(cluster_id) = app.identity.cluster().map(str::to_string) else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "this node is not a member of a cluster yet", None);
@@ -498,6 +505,7 @@ mod tests {
             member_uid: uid.into(),
             cluster_id: None,
             empty_log,
+            limits: None,
         };
         let node = Member {
             raft_addr: req.raft_addr.clone(),

@@ -11,7 +11,8 @@ use host::fsm::{ApplyOutcome, GuestModule, Instance, Limits};
 fn faulty() -> GuestModule {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/faulty.wasm");
     assert!(path.exists(), "{} missing: run scripts/build.sh first", path.display());
-    GuestModule::load(&path, Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 }).expect("load faulty")
+    GuestModule::load(&path, Limits { fuel_per_entry: 20_000_000, fuel_per_query: 2_000_000, memory_bytes: 64 << 20 })
+        .expect("load faulty")
 }
 
 /// One member's instance on its own guest directory.
