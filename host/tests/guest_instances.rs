@@ -206,6 +206,25 @@ async fn t30_a_query_that_traps_costs_one_bounded_rebuild() {
     assert_eq!(r.apply(&["add-2"]).await, vec![Ok((N + 2).to_string())]);
 }
 
+/// A snapshot asked for while the instance awaits its rebuild (after a query's trap): the
+/// build rebuilds it (a long replay) and writes one snapshot, not a second one from
+/// inside the first.
+#[tokio::test]
+async fn t35_a_snapshot_right_after_a_trap_is_built_once() {
+    let faulty = module("faulty");
+    let mut r = Replica::new(&faulty, &[]);
+    let adds = vec!["add-1"; 2000];
+    r.apply(&adds).await;
+    r.query("spin").await.expect_err("a looping query must fail");
+    let snap = r.sm.build_snapshot().await.expect("build");
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2000));
+    assert_eq!(r.metrics.snapshots_built.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(r.query("get").await, Ok("2000".to_string()));
+    assert_eq!(r.metrics.snapshots_built.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let reopened = reopen(&faulty, r.dir.path());
+    assert_eq!(reopened.query("get").await, Ok("2000".to_string()), "the snapshot restores");
+}
+
 /// The directory of a stopped process's instance (a crash, a trap) is not the next
 /// process's: a restart empties the guest directory and starts from the snapshot.
 #[tokio::test]

@@ -504,6 +504,9 @@ impl Worker {
                     let _ = tx.send(self.install(meta, &path));
                 }
             }
+            // Between two operations the state is exactly at `last_applied`, and no
+            // snapshot is being written: a snapshot a long rebuild asked for is built here.
+            self.snapshot_if_due();
         }
     }
 
@@ -514,8 +517,6 @@ impl Worker {
         if self.inst.is_none() {
             let next = self.last_applied.map_or(0, |l| l.index + 1);
             self.rebuild((next, 0))?;
-            // The state is exactly at `last_applied`: a snapshot can describe it now.
-            self.snapshot_if_due();
         }
         self.inst.as_mut().ok_or_else(|| sm_err(ErrorVerb::Write, &"no guest instance"))
     }
@@ -603,7 +604,9 @@ impl Worker {
     }
 
     /// Builds a snapshot if a long rebuild asked for one; the state must be at
-    /// `last_applied`. A failure is not this member's end: the next rebuild is only slower.
+    /// `last_applied` and no other snapshot being built (never from inside `build`, whose
+    /// own rebuild may ask). A failure is not this member's end: the next rebuild is only
+    /// slower.
     fn snapshot_if_due(&mut self) {
         if !std::mem::take(&mut self.snapshot_due) || self.inst.is_none() {
             return;
@@ -788,6 +791,7 @@ impl Worker {
         let sync_ms = streamed.elapsed().as_millis();
         tracing::info!(snapshot = %meta.snapshot_id, bytes, stream_ms, sync_ms, "snapshot built");
         self.metrics.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        self.snapshot_due = false;
         self.covered(&meta);
         self.snapshot = Some(meta.clone());
         Ok(meta)
