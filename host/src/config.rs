@@ -89,6 +89,11 @@ pub struct Opts {
     #[arg(long, env = "HOST_FUEL_PER_ENTRY", default_value_t = 100_000_000)]
     pub fuel_per_entry: u64,
 
+    /// Fuel one query may use. A query that runs out fails (the member goes on, rebuilding
+    /// its guest instance); never replicated, so not part of the guest's identity.
+    #[arg(long, env = "HOST_FUEL_PER_QUERY", default_value_t = 10_000_000)]
+    pub fuel_per_query: u64,
+
     /// Linear memory limit of the guest instance. A refused allocation while applying a
     /// command stops this member (never a replicated error): set it wide.
     #[arg(long, env = "HOST_GUEST_MEMORY_MB", default_value_t = 4096)]

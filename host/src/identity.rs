@@ -41,6 +41,39 @@ pub struct NodeFile {
     pub cluster_id: Option<String>,
     #[serde(default)]
     pub member_uid: Option<String>,
+    /// `--fuel-per-entry` and `--guest-memory-mb`: they decide where a command stops the
+    /// member, so they belong to the guest's identity like its sha256 and settings. Absent
+    /// in files written before they were pinned: see [`check_same_node`].
+    #[serde(flatten)]
+    pub limits: Option<GuestLimits>,
+}
+
+/// The guest limits a member pins in `node.json` and a joiner sends to the leader.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestLimits {
+    pub fuel_per_entry: u64,
+    pub guest_memory_mb: u64,
+}
+
+impl GuestLimits {
+    /// Why `theirs` (a data dir's or a joiner's) may not run beside `ours`, naming the flag
+    /// that differs.
+    pub fn differ(theirs: &GuestLimits, ours: &GuestLimits, theirs_are: &str, ours_are: &str) -> Option<String> {
+        let mut why = Vec::new();
+        if theirs.fuel_per_entry != ours.fuel_per_entry {
+            why.push(format!(
+                "--fuel-per-entry {} ({theirs_are}) differs from {} ({ours_are})",
+                theirs.fuel_per_entry, ours.fuel_per_entry
+            ));
+        }
+        if theirs.guest_memory_mb != ours.guest_memory_mb {
+            why.push(format!(
+                "--guest-memory-mb {} ({theirs_are}) differs from {} ({ours_are})",
+                theirs.guest_memory_mb, ours.guest_memory_mb
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
 }
 
 const FILE_NAME: &str = "node.json";
@@ -92,7 +125,45 @@ pub fn check_same_node(dir: &Path, found: &NodeFile, ours: &NodeFile) -> Result<
             dir.display()
         ));
     }
+    match (&found.limits, &ours.limits) {
+        (Some(theirs), Some(ours)) => {
+            if let Some(why) = GuestLimits::differ(theirs, ours, "this data dir's", "this start's") {
+                return Err(format!(
+                    "{}: {why}; the guest limits decide where a command stops a member, so every member \
+                     keeps the ones the cluster was started with (start with the recorded values)",
+                    dir.display()
+                ));
+            }
+        }
+        // Written before the limits were pinned: `resolve` has the file rewritten with
+        // this start's limits, once.
+        (None, Some(ours)) => tracing::info!(
+            fuel_per_entry = ours.fuel_per_entry,
+            guest_memory_mb = ours.guest_memory_mb,
+            "node.json predates pinned guest limits; adopting this start's --fuel-per-entry and \
+             --guest-memory-mb, which every later start must repeat"
+        ),
+        (_, None) => {}
+    }
     Ok(())
+}
+
+/// Why the leader refuses joiner `id` for its guest limits, if it does: they must equal
+/// the cluster's, and a joiner that does not say them (a release before they were
+/// compared) cannot be checked.
+pub fn refuse_limits(id: NodeId, theirs: Option<&GuestLimits>, ours: &GuestLimits) -> Option<String> {
+    let Some(theirs) = theirs else {
+        return Some(format!(
+            "guest limits unknown: node {id} does not send its --fuel-per-entry and --guest-memory-mb \
+             (an older release); members must run the same release"
+        ));
+    };
+    GuestLimits::differ(theirs, ours, &format!("node {id}'s"), "the cluster's").map(|why| {
+        format!(
+            "guest limits mismatch: {why}; the limits decide where a command stops a member, so every \
+             member must use the cluster's"
+        )
+    })
 }
 
 /// What a starting member knows about itself, from `node.json` and whether its log is empty.
@@ -107,7 +178,8 @@ pub struct Resolved {
 
 /// Decides a starting member's identity. The rule for files written before cluster ids
 /// and member uids: a member with a log keeps running as a member of
-/// [`LEGACY_CLUSTER_ID`] with a new member uid, and its file is rewritten with both; a
+/// [`LEGACY_CLUSTER_ID`] with a new member uid, and its file is rewritten with both (and
+/// with the guest limits, if it predates them too); a
 /// file without a cluster id over an empty log binds the dir to nothing (it was written
 /// before the start that would have bootstrapped or joined got that far).
 pub fn resolve(found: Option<&NodeFile>, has_log: bool, dir: &Path) -> Result<Resolved, String> {
@@ -115,7 +187,7 @@ pub fn resolve(found: Option<&NodeFile>, has_log: bool, dir: &Path) -> Result<Re
         Some(f) if f.cluster_id.is_some() || has_log => Ok(Resolved {
             cluster_id: Some(f.cluster_id.clone().unwrap_or_else(|| LEGACY_CLUSTER_ID.to_string())),
             member_uid: f.member_uid.clone().unwrap_or_else(random_id),
-            rewrite: f.cluster_id.is_none() || f.member_uid.is_none(),
+            rewrite: f.cluster_id.is_none() || f.member_uid.is_none() || f.limits.is_none(),
         }),
         Some(_) | None if has_log => Err(format!(
             "{} holds a Raft log but no {FILE_NAME}: which cluster it belongs to is unknown, so it cannot \
@@ -250,7 +322,52 @@ mod tests {
             fsm_config_sha256: "bb".into(),
             cluster_id: cluster.map(str::to_string),
             member_uid: uid.map(str::to_string),
+            limits: None,
         }
+    }
+
+    const LIMITS: GuestLimits = GuestLimits { fuel_per_entry: 100, guest_memory_mb: 64 };
+
+    #[test]
+    fn limits_are_pinned_and_a_file_without_them_adopts_the_current_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = NodeFile { limits: Some(LIMITS), ..file(Some(C), Some(U)) };
+        write(dir.path(), &f).expect("write");
+        let json = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("read");
+        assert!(json.contains("\"fuel_per_entry\": 100") && json.contains("\"guest_memory_mb\": 64"), "{json}");
+        assert_eq!(read(dir.path()), Ok(Some(f.clone())));
+        assert_eq!(check_same_node(dir.path(), &f, &f), Ok(()));
+
+        let other = NodeFile { limits: Some(GuestLimits { fuel_per_entry: 200, ..LIMITS }), ..f.clone() };
+        let e = check_same_node(dir.path(), &f, &other).expect_err("another fuel budget");
+        assert!(e.contains("--fuel-per-entry 100") && e.contains("200") && !e.contains("--guest-memory-mb"), "{e}");
+        let other = NodeFile { limits: Some(GuestLimits { guest_memory_mb: 32, ..LIMITS }), ..f.clone() };
+        let e = check_same_node(dir.path(), &f, &other).expect_err("another memory limit");
+        assert!(e.contains("--guest-memory-mb 64") && e.contains("32"), "{e}");
+
+        // A file from before the limits were pinned: accepted, and rewritten with ours.
+        let old = file(Some(C), Some(U));
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            format!(r#"{{"id":3,"fsm_sha256":"aa","fsm_config_sha256":"bb","cluster_id":"{C}","member_uid":"{U}"}}"#),
+        )
+        .expect("write");
+        assert_eq!(read(dir.path()), Ok(Some(old.clone())));
+        assert_eq!(check_same_node(dir.path(), &old, &f), Ok(()));
+        let r = resolve(Some(&old), true, dir.path()).expect("resolve");
+        assert!(r.rewrite, "the limits must be recorded");
+        assert_eq!((r.cluster_id.as_deref(), r.member_uid.as_str()), (Some(C), U), "the ids stay");
+    }
+
+    #[test]
+    fn a_joiner_with_other_or_unknown_limits_is_refused() {
+        assert_eq!(refuse_limits(4, Some(&LIMITS), &LIMITS), None);
+        let theirs = GuestLimits { guest_memory_mb: 128, ..LIMITS };
+        let e = refuse_limits(4, Some(&theirs), &LIMITS).expect("refused");
+        assert!(e.contains("--guest-memory-mb 128 (node 4's) differs from 64 (the cluster's)"), "{e}");
+        let theirs = GuestLimits { fuel_per_entry: 1, ..LIMITS };
+        assert!(refuse_limits(4, Some(&theirs), &LIMITS).expect("refused").contains("--fuel-per-entry 1"));
+        assert!(refuse_limits(4, None, &LIMITS).expect("refused").contains("older release"));
     }
 
     const C: &str = "0123456789abcdef0123456789abcdef";
@@ -307,7 +424,8 @@ mod tests {
         }
         // A current file: as it is, with or without a log (a joiner accepted, no entry yet).
         for has_log in [false, true] {
-            let r = resolve(Some(&file(Some(C), Some(U))), has_log, dir).expect("current");
+            let current = NodeFile { limits: Some(LIMITS), ..file(Some(C), Some(U)) };
+            let r = resolve(Some(&current), has_log, dir).expect("current");
             assert_eq!(r, Resolved { cluster_id: Some(C.into()), member_uid: U.into(), rewrite: false });
         }
         // A member from before ids: the shared legacy cluster id, a new uid, written down.

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub bad_requests: AtomicU64,
     pub guest_errors: AtomicU64,
     pub guest_traps: AtomicU64,
+    pub guest_rebuilds: AtomicU64,
     pub snapshots_built: AtomicU64,
     pub snapshots_installed: AtomicU64,
     /// Leaders' checkpoints this member compared with its own state and found equal.
@@ -73,9 +74,9 @@ impl Metrics {
         self.apply_count.load(Ordering::Relaxed)
     }
 
-    /// This member's counters and histogram.
-    fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+    /// This member's counters and histogram (the whole page is [`render`]).
+    pub fn render(&self, out: &mut String) {
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             ("proposals_total", "Commands proposed through this member", &self.proposals),
             ("proposal_errors_total", "Proposals that failed (not guest errors)", &self.proposal_errors),
             ("queries_total", "Read queries served", &self.queries),
@@ -89,6 +90,7 @@ impl Metrics {
             ("bad_requests_total", "Malformed frames or requests received", &self.bad_requests),
             ("guest_errors_total", "Entries for which the guest returned an error result", &self.guest_errors),
             ("guest_traps_total", "Guest traps (including out of fuel)", &self.guest_traps),
+            ("guest_rebuilds_total", "Guest instances rebuilt after a trap", &self.guest_rebuilds),
             ("snapshots_built_total", "Snapshots built from the local guest", &self.snapshots_built),
             (
                 "snapshots_installed_total",

@@ -215,8 +215,11 @@ struct Inputs {
 
 impl Inputs {
     fn check(opts: &Opts) -> Result<Self, StartError> {
-        let limits =
-            Limits { fuel_per_entry: opts.fuel_per_entry, memory_bytes: opts.guest_memory_mb.saturating_mul(1 << 20) };
+        let limits = Limits {
+            fuel_per_entry: opts.fuel_per_entry,
+            fuel_per_query: opts.fuel_per_query,
+            memory_bytes: opts.guest_memory_mb.saturating_mul(1 << 20),
+        };
         let token = opts.token().map_err(StartError::Input)?;
         let module = Arc::new(GuestModule::load(&opts.fsm, limits)?);
         let data_dir = opts.data_dir();
@@ -226,6 +229,7 @@ impl Inputs {
             fsm_config_sha256: config_sha256(&opts.fsm_config),
             cluster_id: None,
             member_uid: None,
+            limits: Some(module.limits.pinned()),
         };
         // Nothing is written here: a start that fails before it bootstraps or joins must
         // leave the data dir as fresh as it found it.
@@ -296,7 +300,7 @@ fn resolve_identity(opts: &Opts, inputs: &Inputs, has_log: bool) -> Result<Arc<I
     let resolved = identity::resolve(inputs.found.as_ref(), has_log, data_dir).map_err(StartError::Input)?;
     if resolved.rewrite {
         tracing::info!(cluster = ?resolved.cluster_id, uid = %resolved.member_uid,
-            "node.json predates cluster ids and member uids; recording them");
+            "node.json predates cluster ids, member uids or pinned guest limits; recording them");
         let file = NodeFile {
             cluster_id: resolved.cluster_id.clone(),
             member_uid: Some(resolved.member_uid.clone()),
@@ -474,6 +478,7 @@ fn join(
         member_uid: me.uid.clone(),
         cluster_id: me.cluster().map(str::to_string),
         empty_log: !has_log,
+        limits: inputs.node_file.limits,
     };
     let (token, dir, node_file) = (inputs.token.clone(), inputs.data_dir.clone(), inputs.node_file.clone());
     let wants_voter = dir.join(WANTS_VOTER_MARK);

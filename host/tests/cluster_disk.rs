@@ -14,7 +14,7 @@ const SETTINGS: [&str; 8] =
 const SLOTS: usize = 16 * 1024;
 
 fn data_file_digest(node: &Node) -> String {
-    let path = node.data_dir.join("guest").join("diskstorage.dat");
+    let path = node.data_dir.join("guest").join("current").join("diskstorage.dat");
     let mut f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // FNV-1a over the whole file: enough to tell files apart, no dependency needed.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -112,7 +112,7 @@ fn t15_one_members_environment_failure_stops_only_that_member() {
     // A follower, so that the client's answer comes from a member that applied it.
     let leader = c.leader();
     let broken = if leader == 1 { 2 } else { 1 };
-    let marker = c.nodes[broken].data_dir.join("guest").join("broken-disk");
+    let marker = c.nodes[broken].data_dir.join("guest").join("current").join("broken-disk");
     touch(&marker);
 
     assert_eq!(propose(&c, "env-check"), Ok("ok".to_string()), "a majority applied it");
@@ -136,7 +136,7 @@ fn t16_a_member_whose_state_diverged_stops_at_the_next_checkpoint() {
     let mut c = Cluster::start(3, "faulty", &FAULTY_LIMITS);
     let leader = c.leader();
     let skewed = if leader == 1 { 2 } else { 1 };
-    touch(&c.nodes[skewed].data_dir.join("guest").join("skewed"));
+    touch(&c.nodes[skewed].data_dir.join("guest").join("current").join("skewed"));
     // The leader has no marker: its counter stays 0; the skewed member's becomes 1.
     assert_eq!(propose(&c, "skew"), Ok("0".to_string()));
     // Entries go on until a checkpoint index is passed and the leader commits its digest

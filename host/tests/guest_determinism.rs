@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use host::fsm::{ApplyOutcome, GuestModule, Instance, Limits};
 
 fn faulty() -> GuestModule {
-    GuestModule::load(&common::guest("faulty"), Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 })
-        .expect("load faulty")
+    GuestModule::load(
+        &common::guest("faulty"),
+        Limits { fuel_per_entry: 20_000_000, fuel_per_query: 2_000_000, memory_bytes: 64 << 20 },
+    )
+    .expect("load faulty")
 }
 
 /// One member's instance on its own guest directory.

@@ -18,7 +18,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload};
 
 fn limits() -> Limits {
-    Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 }
+    Limits { fuel_per_entry: 20_000_000, fuel_per_query: 2_000_000, memory_bytes: 64 << 20 }
 }
 
 struct Replica {
@@ -156,7 +156,11 @@ async fn t17_environment_failure_during_a_rebuild_stops_the_member() {
     let mut r = Replica::new(&module);
     let all = entries(&["add-1", "env-check", "add-then-trap-5", "add-2"]);
     assert_eq!(r.apply(&all[..2]).await, vec![Ok("1".to_string()), Ok("ok".to_string())]);
-    std::fs::write(r._dir.path().join("guest").join("broken-disk"), b"").expect("marker");
+    // Each instance has a directory of its own, numbered from 0: the marker goes where the
+    // rebuilt instance will find it.
+    let next = r._dir.path().join("guest").join("1");
+    std::fs::create_dir_all(&next).expect("mkdir");
+    std::fs::write(next.join("broken-disk"), b"").expect("marker");
     let err = r.try_apply(&all[2..]).await.expect_err("the rebuild meets the failure");
     assert!(err.contains("broken-disk") && err.contains("entry 2"), "{err}");
 }
@@ -272,7 +276,7 @@ fn t50_loading_rejects_what_is_not_a_state_machine() {
 async fn t60_guest_cannot_leave_its_directory() {
     let module = module();
     let mut r = Replica::new(&module);
-    let guest_dir = r._dir.path().join("guest");
+    let guest_dir = r._dir.path().join("guest").join("current");
     std::os::unix::fs::symlink("/etc", guest_dir.join("escape")).expect("host-side symlink");
     let probes = [
         "write-/data/ok-hello",

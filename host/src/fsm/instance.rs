@@ -42,6 +42,7 @@ pub struct Instance {
     store: Store<HostState>,
     fsm: Fsm,
     fuel_per_entry: u64,
+    fuel_per_query: u64,
 }
 
 /// A failure of a whole-instance operation (init, snapshot, restore, query): the text of
@@ -122,7 +123,7 @@ impl Instance {
         let fuel = module.limits.fuel_per_entry;
         store.set_fuel(fuel.saturating_mul(INIT_FUEL)).map_err(|e| trap(&e))?;
         let fsm = module.pre.instantiate(&mut store).map_err(|e| trap(&e))?;
-        let mut inst = Instance { store, fsm, fuel_per_entry: fuel };
+        let mut inst = Instance { store, fsm, fuel_per_entry: fuel, fuel_per_query: module.limits.fuel_per_query };
         inst.fsm
             .wasm_raft_fsm_state_machine()
             .call_init(&mut inst.store, config)
@@ -167,11 +168,18 @@ impl Instance {
         }
     }
 
-    /// A read-only query, under the per-entry fuel budget (a client must not be able to
-    /// stall the member with an expensive read).
+    /// A read-only query, under the per-query fuel budget: any client can send one, so it
+    /// must not be able to stall the member with an expensive read.
     pub fn query(&mut self, request: &[u8]) -> Result<Result<Vec<u8>, String>, GuestError> {
-        self.store.set_fuel(self.fuel_per_entry).map_err(|e| trap(&e))?;
-        self.fsm.wasm_raft_fsm_state_machine().call_query(&mut self.store, request).map_err(|e| trap(&e))
+        self.store.set_fuel(self.fuel_per_query).map_err(|e| trap(&e))?;
+        self.fsm.wasm_raft_fsm_state_machine().call_query(&mut self.store, request).map_err(|e| {
+            match e.downcast_ref::<wasmtime::Trap>() {
+                Some(wasmtime::Trap::OutOfFuel) => {
+                    GuestError::Trap(format!("ran out of fuel ({} per query, --fuel-per-query)", self.fuel_per_query))
+                }
+                _ => trap(&e),
+            }
+        })
     }
 
     pub fn digest(&mut self) -> Result<Vec<u8>, GuestError> {
@@ -260,8 +268,11 @@ mod tests {
         MODULE.get_or_init(|| {
             let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/faulty.wasm");
             assert!(path.exists(), "{} missing: run scripts/build.sh first", path.display());
-            GuestModule::load(&path, Limits { fuel_per_entry: 20_000_000, memory_bytes: 64 << 20 })
-                .expect("load faulty")
+            GuestModule::load(
+                &path,
+                Limits { fuel_per_entry: 20_000_000, fuel_per_query: 2_000_000, memory_bytes: 64 << 20 },
+            )
+            .expect("load faulty")
         })
     }
 
@@ -324,7 +335,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut inst = Instance::new(faulty(), &[], Some(dir.path()), 1).expect("instance");
         let e = inst.query(b"spin").expect_err("out of fuel");
-        assert!(e.is_trap() && !e.is_member_failure() && e.to_string().contains("fuel"), "{e}");
+        assert!(e.is_trap() && !e.is_member_failure() && e.to_string().contains("2000000 per query"), "{e}");
         std::fs::write(dir.path().join("broken-disk"), b"").expect("marker");
         let mut inst = Instance::new(faulty(), &[], Some(dir.path()), 1).expect("instance");
         let e = inst.query(b"env-check").expect_err("environment failure");

@@ -49,15 +49,30 @@ pub enum LoadError {
 /// stops where the others go on: a safety margin, to be set wide.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Fuel for one `apply`d entry (also for one `query`).
+    /// Fuel for one `apply`d entry.
     pub fuel_per_entry: u64,
+    /// Fuel for one `query`: a query's answer is never replicated, so its budget is this
+    /// member's own business (not part of the identity); any client can send one, and
+    /// running out only fails it, so it is smaller.
+    pub fuel_per_query: u64,
     /// Linear memory cap per instance.
     pub memory_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { fuel_per_entry: 100_000_000, memory_bytes: 4 << 30 }
+        Limits { fuel_per_entry: 100_000_000, fuel_per_query: 10_000_000, memory_bytes: 4 << 30 }
+    }
+}
+
+impl Limits {
+    /// The limits that change replicated behaviour, as the flags give them: pinned in
+    /// `node.json` and compared on every join.
+    pub fn pinned(&self) -> crate::identity::GuestLimits {
+        crate::identity::GuestLimits {
+            fuel_per_entry: self.fuel_per_entry,
+            guest_memory_mb: (self.memory_bytes >> 20) as u64,
+        }
     }
 }
 

@@ -39,6 +39,10 @@ pub struct JoinRequest {
     /// entries it would not hold.
     #[serde(default)]
     pub empty_log: bool,
+    /// `--fuel-per-entry` and `--guest-memory-mb`; absent from releases before they were
+    /// compared.
+    #[serde(flatten)]
+    pub limits: Option<crate::identity::GuestLimits>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

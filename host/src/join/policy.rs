@@ -126,6 +126,9 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
             None,
         );
     }
+    if let Some(why) = crate::identity::refuse_limits(req.id, req.limits.as_ref(), &app.sm.limits().pinned()) {
+        return reply(StatusCode::CONFLICT, why, None);
+    }
     let Some(cluster_id) = app.identity.cluster().map(str::to_string) else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "this node is not a member of a cluster yet", None);
     };
@@ -260,6 +263,7 @@ mod tests {
             member_uid: uid.into(),
             cluster_id: None,
             empty_log,
+            limits: None,
         };
         let node = Member {
             raft_addr: req.raft_addr.clone(),

@@ -24,6 +24,15 @@
 //! a guest that does not behave the same twice, and the member stops rather than skip it
 //! (skipping would make its state differ from every other member's).
 //!
+//! # Instance directories (`<data-dir>/guest/<n>`)
+//!
+//! Each instance gets a new directory as its `/data`, so that making one (its `init`
+//! empties its files, its restore rewrites them) never touches the files of the instance
+//! in use: an install or a rebuild that fails leaves the instance in use as it was. The
+//! new instance replaces the old one only once complete; the old directory is removed
+//! then. A start empties the guest directory: the guest's files are never state across
+//! restarts, only the snapshot and the log are.
+//!
 //! A failure of this member's own (the guest reports its environment failing, runs out of
 //! fuel, memory or stack) is no result: apply returns a `StorageError`, openraft stops, and the
 //! process exits. Until then the worker refuses every call. Nothing marks the command as
@@ -48,7 +57,7 @@ use super::durable::Durable;
 use super::files::sync_dir;
 use super::log::{LogStore, SharedLog};
 use super::snapfile::{SnapReader, SnapWriter};
-use crate::fsm::{ApplyOutcome, GuestModule, Instance};
+use crate::fsm::{ApplyOutcome, GuestModule, Instance, Limits};
 use crate::metrics::Metrics;
 use crate::types::{
     Checkpoint, Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -59,6 +68,11 @@ const CHUNK: u32 = 1 << 20;
 pub const CHECKPOINT_EVERY: u64 = 128;
 /// Recorded digests kept: a checkpoint refers to an index the leader applied moments ago.
 const KEPT_CHECKPOINTS: usize = 64;
+/// A rebuild that replays more commands than this is followed by a snapshot, so that the
+/// next trap (a query's, which any client can cause) replays at most about this many:
+/// repeated traps cost one restore each instead of a restore plus the whole log since the
+/// last scheduled snapshot.
+const REBUILD_REPLAY_BOUND: u64 = 1024;
 
 /// Handle to the worker; cheap to clone.
 #[derive(Clone)]
@@ -71,6 +85,7 @@ pub struct StateMachine {
     seq: Arc<AtomicU64>,
     /// Told when an install fails, so that the log's purge waiting for it gives up.
     cover: Option<SnapshotCover>,
+    limits: Limits,
 }
 
 /// What `/status` shows of the state: the digest at `last_applied`, read together.
@@ -105,6 +120,8 @@ fn snap_err(verb: ErrorVerb, e: &impl ToString) -> StorageError {
 pub struct GuestSpec {
     pub module: Arc<GuestModule>,
     pub config: Vec<(String, String)>,
+    /// Under which each instance gets a directory of its own (`<guest_dir>/<generation>`),
+    /// preopened as its `/data`.
     pub guest_dir: PathBuf,
     pub node: NodeId,
 }
@@ -115,9 +132,10 @@ impl StateMachine {
     pub fn open(dir: &Path, spec: GuestSpec, log: &LogStore, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let durable = log.durable();
         let cover = log.snapshot_cover();
+        let limits = spec.module.limits.clone();
         let log = log.shared();
         fs::create_dir_all(dir)?;
-        fs::create_dir_all(&spec.guest_dir)?;
+        clear_dir(&spec.guest_dir)?;
         // Leftovers of interrupted transfers or builds.
         for e in fs::read_dir(dir)?.flatten() {
             if e.file_name() != "current.snap" {
@@ -140,6 +158,9 @@ impl StateMachine {
             metrics,
             cover: cover.clone(),
             checkpoints: BTreeMap::new(),
+            generation: None,
+            next_generation: 0,
+            snapshot_due: false,
         };
         let (tx, rx) = mpsc::channel();
         // The first instance is made on the worker thread too: guest file calls block the
@@ -155,7 +176,20 @@ impl StateMachine {
             }
         })?;
         started_rx.recv().map_err(|_| anyhow::anyhow!("the state-machine thread died while starting"))??;
-        Ok(StateMachine { tx, durable, dir: dir.to_path_buf(), receiving: Arc::default(), seq: Arc::default(), cover })
+        Ok(StateMachine {
+            tx,
+            durable,
+            dir: dir.to_path_buf(),
+            receiving: Arc::default(),
+            seq: Arc::default(),
+            cover,
+            limits,
+        })
+    }
+
+    /// The guest's execution limits on this member.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, StorageError> {
@@ -320,6 +354,30 @@ struct Worker {
     /// The guest's digest after each recent entry whose index is a multiple of
     /// [`CHECKPOINT_EVERY`], for comparing with the leader's checkpoints.
     checkpoints: BTreeMap<u64, Vec<u8>>,
+    /// The directory generation of the instance in use (or last in use), under
+    /// `spec.guest_dir`.
+    generation: Option<u64>,
+    next_generation: u64,
+    /// A rebuild replayed more than [`REBUILD_REPLAY_BOUND`] commands: snapshot as soon as
+    /// the state is at an entry boundary.
+    snapshot_due: bool,
+}
+
+/// Empties `dir` (creating it if needed). The guest's files are never state across
+/// restarts (a starting member restores its snapshot into a new instance, whose `init`
+/// starts from nothing), so whatever an earlier process left there, a complete or a
+/// half-made instance directory, is removed rather than looked for.
+fn clear_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    for e in fs::read_dir(dir)? {
+        let path = e?.path();
+        if path.is_dir() && !path.is_symlink() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 impl Worker {
@@ -330,25 +388,72 @@ impl Worker {
     fn start(&mut self) -> anyhow::Result<()> {
         let current = self.current();
         if current.exists() {
-            let (inst, meta) =
-                self.restore(&current).map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
+            let ((inst, meta), generation) = self
+                .staged(|e| e.to_string(), |w, dir| w.restore(&current, dir))
+                .map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
             self.last_applied = meta.last_log_id;
             self.membership = meta.last_membership.clone();
             self.covered(&meta);
             self.snapshot = Some(meta);
-            self.inst = Some(inst);
+            self.adopt(inst, generation);
         } else {
-            self.inst = Some(self.fresh()?);
+            let (inst, generation) = self.staged(anyhow::Error::from, |w, dir| w.fresh(dir))?;
+            self.adopt(inst, generation);
         }
         Ok(())
     }
 
-    /// A fresh instance restored from the snapshot file at `path`, verified: the file's
-    /// checksum before the guest's `finish`, then the guest's digest against the one
-    /// recorded when the snapshot was made.
-    fn restore(&self, path: &Path) -> Result<(Instance, SnapshotMeta), String> {
+    /// Runs `make` with a new, empty directory for an instance: its own, so that making it
+    /// (its `init` may empty its files, its restore rewrite them) cannot touch the files of
+    /// the instance still in use. On failure the directory goes; on success the caller
+    /// passes the instance and its generation to [`Worker::adopt`].
+    fn staged<T, E>(
+        &mut self,
+        io_err: impl FnOnce(io::Error) -> E,
+        make: impl FnOnce(&Self, &Path) -> Result<T, E>,
+    ) -> Result<(T, u64), E> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let dir = self.spec.guest_dir.join(generation.to_string());
+        fs::create_dir_all(&dir).map_err(io_err)?;
+        match make(self, &dir) {
+            Ok(made) => Ok((made, generation)),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a complete instance in use and removes the directory of the one it replaces.
+    fn adopt(&mut self, inst: Instance, generation: u64) {
+        // Dropped first: its files are closed before they are removed.
+        self.inst = None;
+        self.inst = Some(inst);
+        // `current` names the directory in use, for operators and tests; nothing reads it
+        // back (a restart starts over), so it need not survive a crash.
+        let root = &self.spec.guest_dir;
+        let tmp = root.join("current.tmp");
+        let _ = fs::remove_file(&tmp);
+        if let Err(e) = std::os::unix::fs::symlink(generation.to_string(), &tmp)
+            .and_then(|()| fs::rename(&tmp, root.join("current")))
+        {
+            tracing::warn!(error = %e, "cannot point {}/current at the guest instance's directory", root.display());
+        }
+        if let Some(old) = self.generation.replace(generation) {
+            let dir = self.spec.guest_dir.join(old.to_string());
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a replaced guest instance's directory");
+            }
+        }
+    }
+
+    /// A fresh instance with `dir` as its `/data`, restored from the snapshot file at
+    /// `path`, verified: the file's checksum before the guest's `finish`, then the guest's
+    /// digest against the one recorded when the snapshot was made.
+    fn restore(&self, path: &Path, dir: &Path) -> Result<(Instance, SnapshotMeta), String> {
         let mut r = SnapReader::open(path).map_err(|e| e.to_string())?;
-        let mut inst = self.fresh().map_err(|e| e.to_string())?;
+        let mut inst = self.fresh(dir).map_err(|e| e.to_string())?;
         inst.restore_from(&mut r, CHUNK as usize).map_err(|e| format!("guest restore failed: {e}"))?;
         if let Some(recorded) = r.digest() {
             let restored = inst.digest().map_err(|e| format!("digest after restore: {e}"))?;
@@ -371,8 +476,8 @@ impl Worker {
         }
     }
 
-    fn fresh(&self) -> anyhow::Result<Instance> {
-        Instance::new(&self.spec.module, &self.spec.config, Some(&self.spec.guest_dir), self.spec.node)
+    fn fresh(&self, dir: &Path) -> anyhow::Result<Instance> {
+        Instance::new(&self.spec.module, &self.spec.config, Some(dir), self.spec.node)
             .map_err(|e| anyhow::anyhow!("guest {} refused to start: {e}", self.spec.module.path().display()))
     }
 
@@ -400,6 +505,9 @@ impl Worker {
                     let _ = tx.send(self.install(meta, &path));
                 }
             }
+            // Between two operations the state is exactly at `last_applied`, and no
+            // snapshot is being written: a snapshot a long rebuild asked for is built here.
+            self.snapshot_if_due();
         }
     }
 
@@ -439,6 +547,7 @@ impl Worker {
             if log_id.index.is_multiple_of(CHECKPOINT_EVERY) {
                 self.record_checkpoint(log_id.index)?;
             }
+            self.snapshot_if_due();
             out.push(resp);
         }
         Ok(out)
@@ -479,13 +588,46 @@ impl Worker {
     /// position in the entry): the current snapshot plus the log after it, skipping
     /// commands known to trap.
     fn rebuild(&mut self, upto: (u64, usize)) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let made = self.staged(|e| Replay::Failed(sm_err(ErrorVerb::Write, &e)), |w, dir| w.replay(upto, dir));
+        let ((inst, replayed), generation) = match made {
+            Ok(made) => made,
+            Err(Replay::Failed(e)) => return Err(e),
+            Err(Replay::Member(index, pos, why)) => return Err(self.member_failure(index, pos, &why)),
+        };
+        self.adopt(inst, generation);
+        self.metrics.guest_rebuilds.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(replayed, ms = started.elapsed().as_millis() as u64, "guest instance rebuilt");
+        if replayed > REBUILD_REPLAY_BOUND {
+            self.snapshot_due = true;
+        }
+        Ok(())
+    }
+
+    /// Builds a snapshot if a long rebuild asked for one; the state must be at
+    /// `last_applied` and no other snapshot being built (never from inside `build`, whose
+    /// own rebuild may ask). A failure is not this member's end: the next rebuild is only
+    /// slower.
+    fn snapshot_if_due(&mut self) {
+        if !std::mem::take(&mut self.snapshot_due) || self.inst.is_none() {
+            return;
+        }
+        if let Err(e) = self.build() {
+            tracing::warn!(error = %e, "the snapshot after a long rebuild failed");
+        }
+    }
+
+    /// A fresh instance in `dir` holding the state just before command `upto`, and how
+    /// many commands it replayed.
+    fn replay(&self, upto: (u64, usize), dir: &Path) -> Result<(Instance, u64), Replay> {
         let mut from = 0;
+        let mut replayed = 0u64;
         let mut inst = match &self.snapshot {
             Some(meta) => {
                 from = meta.last_log_id.map_or(0, |l| l.index + 1);
-                self.restore(&self.current()).map_err(|e| snap_err(ErrorVerb::Read, &e))?.0
+                self.restore(&self.current(), dir).map_err(|e| Replay::Failed(snap_err(ErrorVerb::Read, &e)))?.0
             }
-            None => self.fresh().map_err(|e| sm_err(ErrorVerb::Write, &e))?,
+            None => self.fresh(dir).map_err(|e| Replay::Failed(sm_err(ErrorVerb::Write, &e)))?,
         };
         let entries: Vec<Entry> = {
             let mem = self.log.lock().unwrap_or_else(|p| p.into_inner());
@@ -498,10 +640,10 @@ impl Worker {
             // Every entry from the snapshot on must be there: a hole would leave out
             // commands every other member applied.
             if idx != want && !(want == 0 && self.snapshot.is_none()) {
-                return Err(sm_err(
+                return Err(Replay::Failed(sm_err(
                     ErrorVerb::Read,
                     &format!("cannot rebuild the guest: the log has entry {idx} where {want} should be"),
-                ));
+                )));
             }
             want = idx + 1;
             let EntryPayload::Normal(req) = &e.payload else { continue };
@@ -512,18 +654,18 @@ impl Worker {
                 if self.trapped.contains(&(idx, pos)) {
                     continue;
                 }
+                replayed += 1;
                 match inst.apply(idx, e.log_id.leader_id.term, command) {
                     ApplyOutcome::Result(_) => {}
                     ApplyOutcome::Trap(why) => {
                         let why = format!("it trapped on replay after succeeding when first applied: {why}");
-                        return Err(self.member_failure(idx, pos, &why));
+                        return Err(Replay::Member(idx, pos, why));
                     }
-                    ApplyOutcome::MemberFailure(why) => return Err(self.member_failure(idx, pos, &why)),
+                    ApplyOutcome::MemberFailure(why) => return Err(Replay::Member(idx, pos, why)),
                 }
             }
         }
-        self.inst = Some(inst);
-        Ok(())
+        Ok((inst, replayed))
     }
 
     /// Records the digest after the entry at `index`, keeping the most recent ones.
@@ -650,30 +792,46 @@ impl Worker {
         let sync_ms = streamed.elapsed().as_millis();
         tracing::info!(snapshot = %meta.snapshot_id, bytes, stream_ms, sync_ms, "snapshot built");
         self.metrics.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        self.snapshot_due = false;
         self.covered(&meta);
         self.snapshot = Some(meta.clone());
         Ok(meta)
     }
 
     fn install(&mut self, meta: SnapshotMeta, path: &Path) -> Result<(), StorageError> {
-        let (inst, inside) = self.restore(path).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
-        // The file must describe the snapshot openraft thinks it received.
-        if inside != meta {
-            return Err(snap_err(
-                ErrorVerb::Read,
-                &format!("the received snapshot's file says {inside:?}, the leader sent {meta:?}"),
-            ));
-        }
+        // In a directory of its own: until it is complete, the instance in use keeps its
+        // files as they were (the contract: the old state stays until `finish` succeeds).
+        let (inst, generation) = self.staged(
+            |e| snap_err(ErrorVerb::Write, &e),
+            |w, dir| {
+                let (inst, inside) = w.restore(path, dir).map_err(|e| snap_err(ErrorVerb::Read, &e))?;
+                // The file must describe the snapshot openraft thinks it received.
+                if inside != meta {
+                    return Err(snap_err(
+                        ErrorVerb::Read,
+                        &format!("the received snapshot's file says {inside:?}, the leader sent {meta:?}"),
+                    ));
+                }
+                Ok(inst)
+            },
+        )?;
         fs::rename(path, self.current()).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         sync_dir(&self.dir).map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         self.metrics.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         self.covered(&meta);
-        self.inst = Some(inst);
+        self.adopt(inst, generation);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.snapshot = Some(meta);
         self.trapped.clear();
         Ok(())
     }
+}
+
+/// Why a replay could not make an instance: a storage error, or a failure of this member
+/// met at a command (which stops it, see [`Worker::member_failure`]).
+enum Replay {
+    Failed(StorageError),
+    Member(u64, usize, String),
 }
