@@ -67,6 +67,9 @@ build_image() {
   done
   local entrypoint="[\"$entry\"]"
   if [[ $init == tini ]]; then
+    if [[ ! -x $TINI ]] && ((EUID == 0)) && command -v apt-get >/dev/null; then
+      apt-get install -y -qq tini >/dev/null
+    fi
     [[ -x $TINI ]] || die "$TINI is missing (apt-get install tini)"
     cp "$TINI" "$root/bin/tini"
     entrypoint="[\"/bin/tini\", \"--\", \"$entry\"]"
