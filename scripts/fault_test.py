@@ -16,6 +16,7 @@ Scenarios, in order:
      catches up;
   3. disconnect the leader: the other two elect a leader, the old one commits nothing
      alone; reconnect: one history.
+At the end every member is stopped with SIGTERM and must exit 0.
 "Caught up" and "one history": with clients paused, every member reaches the same
 `last_applied` and reports the same `state_digest` there.
 """
@@ -418,6 +419,12 @@ class Test:
                     break
         self.read_back("final")
         self.one_history("final")
+        t1 = time.monotonic()
+        run(*c.compose, "stop", "-t", "15")
+        codes = {s: run("docker", "inspect", "-f", "{{.State.ExitCode}}", c.ids[s]) for s in SERVICES}
+        if any(code != "0" for code in codes.values()):
+            raise Failed(f"members did not stop cleanly on SIGTERM: exit codes {codes}")
+        log(f"SIGTERM: all three stopped with exit code 0 in {time.monotonic() - t1:.1f}s")
         log(f"faults done in {time.monotonic() - t0:.1f}s; operations: "
             + ", ".join(f"{k[0]}:{k[1]}={v}" for k, v in sorted(self.rec.counts.items())))
 
