@@ -149,7 +149,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     tasks.push(Some(tokio::spawn(crate::admin::members::finish_joint_changes(app.clone()))));
 
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<StartError>(1);
-    let seeds = join_seeds(&opts, &inputs, &raft);
+    let seeds = join_seeds(&opts, &inputs, &raft).await;
     if !has_log && opts.join.is_empty() {
         bootstrap(&opts, &inputs, &me, &raft, member).await?;
     } else if !seeds.is_empty() {
@@ -440,14 +440,24 @@ async fn bootstrap(opts: &Opts, inputs: &Inputs, me: &Identity, raft: &Raft, mem
 
 /// Whom to ask to add this member: the `--join` seeds, or, for a member that asked to be
 /// a voter and stopped before it was made one, the members it knows.
-fn join_seeds(opts: &Opts, inputs: &Inputs, raft: &Raft) -> Vec<String> {
+async fn join_seeds(opts: &Opts, inputs: &Inputs, raft: &Raft) -> Vec<String> {
     if !opts.join.is_empty() {
         return opts.join.clone();
     }
     if !inputs.data_dir.join(WANTS_VOTER_MARK).exists() {
         return Vec::new();
     }
-    let m = raft.metrics().borrow().membership_config.clone();
+    // Raft publishes the membership it loaded from the log only once its core has
+    // started, a moment after `Raft::new` returns.
+    let loaded = raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.membership_config.log_id().is_some(), "the membership from the log")
+        .await;
+    let Ok(metrics) = loaded else {
+        tracing::warn!("no membership in the log; cannot finish the join without --join");
+        return Vec::new();
+    };
+    let m = metrics.membership_config.clone();
     if m.membership().voter_ids().any(|v| v == opts.id) {
         let _ = std::fs::remove_file(inputs.data_dir.join(WANTS_VOTER_MARK));
         return Vec::new();

@@ -201,10 +201,6 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
     accepted(StatusCode::OK, format!("node {} is a member of cluster {cluster_id}", req.id), &cluster_id)
 }
 
-/// How long a learner's progress may stay unknown before the leader writes an entry to
-/// learn it.
-const NUDGE_AFTER: Duration = Duration::from_secs(1);
-
 /// Waits until this leader has replicated to `id` within openraft's replication lag
 /// threshold of its last log index (openraft's own test before it calls a learner caught up).
 pub(crate) async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result<(), Response> {
@@ -214,15 +210,7 @@ pub(crate) async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result
         let matched = m.replication.as_ref().and_then(|r| r.get(&id)).and_then(|l| l.as_ref()).map(|l| l.index);
         m.state != ServerState::Leader || matched.is_some_and(|i| i + threshold >= m.last_log_index.unwrap_or(0))
     };
-    let mut done = app.raft.wait(Some(NUDGE_AFTER.min(within))).metrics(done_when, "learner to catch up").await;
-    if done.is_err() && within > NUDGE_AFTER {
-        // openraft drops the acknowledgements a replication stream made under an earlier
-        // membership, and sends a member it counts as up to date nothing new: a learner
-        // that restarted while nothing was written is then never seen to catch up. An
-        // empty entry gives the leader something to replicate and hear back about.
-        let _ = app.raft.client_write(crate::types::Request::commands(Vec::new())).await;
-        done = app.raft.wait(Some(within - NUDGE_AFTER)).metrics(done_when, "learner to catch up").await;
-    }
+    let done = app.raft.wait(Some(within)).metrics(done_when, "learner to catch up").await;
     match done {
         Ok(m) if m.state == ServerState::Leader => Ok(()),
         Ok(m) => {
