@@ -108,6 +108,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         admin_addr: opts.advertised(&opts.admin_addr),
         client_addr: opts.advertised(&opts.client_addr),
         uid: me.uid.clone(),
+        role: crate::types::Role::Replica,
     };
     let app = Arc::new(
         App::new(
@@ -363,6 +364,7 @@ fn join(
         member_uid: me.uid.clone(),
         cluster_id: me.cluster().map(str::to_string),
         empty_log: !has_log,
+        role: crate::types::Role::Replica,
     };
     let (seeds, token, dir, node_file) =
         (opts.join.clone(), inputs.token.clone(), inputs.data_dir.clone(), inputs.node_file.clone());

@@ -16,7 +16,7 @@ use super::{config_sha256, JoinReply, JoinRequest};
 use crate::admin::TOKEN_HEADER;
 use crate::api::App;
 use crate::identity::PROTOCOL_VERSION;
-use crate::types::{Member, NodeId};
+use crate::types::{Member, NodeId, Role};
 
 fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
     let ok = code.is_success();
@@ -31,7 +31,14 @@ fn accepted(code: StatusCode, message: String, cluster_id: &str) -> Response {
 /// Why node `req.id` may not take its place in `membership`, if it may not.
 fn refuse_existing(req: &JoinRequest, existing: &Member, node: &Member, is_voter: bool) -> Option<String> {
     let mut why = Vec::new();
-    if !existing.uid.is_empty() && existing.uid != req.member_uid {
+    if existing.role != req.role {
+        why.push(format!(
+            "node id {} is held by a {} and this node joins as a {}: pick another id",
+            req.id,
+            existing.role.as_str(),
+            req.role.as_str()
+        ));
+    } else if !existing.uid.is_empty() && existing.uid != req.member_uid {
         why.push(format!(
             "node {} is already a member with member uid {}, and this process has member uid {}: \
              another process holds that id, or this one lost the data dir it joined with",
@@ -84,7 +91,8 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
             return reply(StatusCode::UNAUTHORIZED, "wrong or missing cluster token", None);
         }
     }
-    if req.fsm_sha256 != app.fsm_sha256 {
+    // A logger runs no guest: it archives the commands, it does not compute the state.
+    if req.role == Role::Replica && req.fsm_sha256 != app.fsm_sha256 {
         return reply(
             StatusCode::CONFLICT,
             format!(
@@ -95,7 +103,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
         );
     }
     let ours = config_sha256(&app.fsm_config);
-    if req.fsm_config_sha256 != ours {
+    if req.role == Role::Replica && req.fsm_config_sha256 != ours {
         return reply(
             StatusCode::CONFLICT,
             format!(
@@ -130,6 +138,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
         admin_addr: req.admin_addr.clone(),
         client_addr: req.client_addr.clone(),
         uid: req.member_uid.clone(),
+        role: req.role,
     };
     let membership = m.membership_config.membership().clone();
     let is_voter = membership.voter_ids().any(|v| v == req.id);
@@ -163,7 +172,9 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
             }
         }
     }
-    if !req.learner && !is_voter {
+    // A logger stays a learner: it must never count towards a quorum, so that losing
+    // every logger never stops the cluster from committing.
+    if !req.learner && !is_voter && req.role == Role::Replica {
         // Promoting a learner that lags would stall commits behind it; it is checked on
         // every join, since a retried or concurrent one may find the learner already added.
         if let Err(r) = caught_up(&app, req.id, Duration::from_secs(120)).await {
@@ -235,12 +246,14 @@ mod tests {
             member_uid: uid.into(),
             cluster_id: None,
             empty_log,
+            role: Role::Replica,
         };
         let node = Member {
             raft_addr: req.raft_addr.clone(),
             admin_addr: req.admin_addr.clone(),
             client_addr: req.client_addr.clone(),
             uid: uid.into(),
+            role: Role::Replica,
         };
         (req, node)
     }
@@ -272,5 +285,14 @@ mod tests {
         let legacy_moved = Member { raft_addr: "elsewhere".into(), ..legacy };
         let why = refuse_existing(&req, &legacy_moved, &node, true).expect("legacy, other addresses");
         assert!(why.contains("before member uids"), "{why}");
+
+        // A logger cannot take a replica's id, nor a replica a logger's.
+        let (mut logger, logger_node) = joiner("u1", false, true);
+        logger.role = Role::Logger;
+        let why = refuse_existing(&logger, &on_record, &logger_node, false).expect("a logger on a replica's id");
+        assert!(why.contains("held by a replica") && why.contains("as a logger"), "{why}");
+        let on_record_logger = Member { role: Role::Logger, ..node.clone() };
+        assert!(refuse_existing(&req, &on_record_logger, &node, false).is_some(), "a replica on a logger's id");
+        assert_eq!(refuse_existing(&logger, &on_record_logger, &Member { role: Role::Logger, ..node }, false), None);
     }
 }
