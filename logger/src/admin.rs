@@ -158,7 +158,6 @@ fn find<'a>(admin: &'a Admin, q: &HashMap<String, String>) -> Result<&'a Arc<Clu
 fn index(q: &HashMap<String, String>, key: &str) -> Result<u64, Response> {
     let v = q.get(key).ok_or_else(|| refuse(StatusCode::BAD_REQUEST, format!("missing ?{key}=<log index>")))?;
     match v.parse::<u64>() {
-        Ok(0) => Err(refuse(StatusCode::BAD_REQUEST, format!("{key}=0: log indexes start at 1"))),
         Ok(i) => Ok(i),
         Err(e) => Err(refuse(StatusCode::BAD_REQUEST, format!("{key}={v:?} is not a log index: {e}"))),
     }
