@@ -98,9 +98,12 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
     Json(serde_json::json!({ "clusters": clusters })).into_response()
 }
 
+/// A gauge of `/metrics`: name, help, and its value in a cluster's status.
+type Gauge = (&'static str, &'static str, fn(&ClusterStatus) -> u64);
+
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let mut page = String::new();
-    let gauges: [(&str, &str, fn(&ClusterStatus) -> u64); 6] = [
+    let gauges: [Gauge; 6] = [
         ("logger_archived_index", "last index in the archive", |s| s.archived_index),
         ("logger_cluster_committed_index", "the cluster's commit index as last heard", |s| s.committed),
         ("logger_lag_entries", "committed entries not archived yet", |s| s.lag),
