@@ -258,10 +258,15 @@ async fn truncate(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri)
         );
     }
     let last = lock(&c.archive).last.map_or(0, |l| l.index);
-    if smallest > last + 1 {
+    // The last record stays: it is where the logger resumes after a restart, and its Raft
+    // log may already be purged up to it.
+    if smallest > last {
         return refuse(
             StatusCode::CONFLICT,
-            format!("not truncated: the smallest index asked ({smallest}) is past the archive's end ({last})"),
+            format!(
+                "not truncated: the smallest index asked ({smallest}) is past the archive's last record ({last}), \
+                 which is always kept"
+            ),
         );
     }
     let archive = c.archive.clone();
