@@ -159,23 +159,9 @@ impl Opts {
         self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("./data/node-{}", self.id)))
     }
 
-    /// The cluster token, or "" for none. An empty one is refused rather than taken to
-    /// mean "no authentication", which is what it would silently do.
+    /// The cluster token, or "" for none (see [`read_token`]).
     pub fn token(&self) -> Result<String, String> {
-        let token = match (&self.cluster_token, &self.cluster_token_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("--cluster-token-file {}: {e}", path.display()))?
-                .trim()
-                .to_string(),
-            (None, None) => return Ok(String::new()),
-        };
-        if token.is_empty() {
-            return Err("the cluster token is empty, which would turn authentication off; \
-                        leave the token out to run without one"
-                .to_string());
-        }
-        Ok(token)
+        read_token(self.cluster_token.as_deref(), self.cluster_token_file.as_deref())
     }
 
     /// The address peers and clients should use for a bound address. An IPv6 host is
@@ -206,6 +192,26 @@ impl Opts {
         }
         Ok(())
     }
+}
+
+/// The cluster token from `--cluster-token` or `--cluster-token-file` (also the logger's),
+/// or "" for none. An empty one is refused rather than taken to mean "no authentication",
+/// which is what it would silently do.
+pub fn read_token(token: Option<&str>, file: Option<&std::path::Path>) -> Result<String, String> {
+    let token = match (token, file) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("--cluster-token-file {}: {e}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(String::new()),
+    };
+    if token.is_empty() {
+        return Err("the cluster token is empty, which would turn authentication off; \
+                    leave the token out to run without one"
+            .to_string());
+    }
+    Ok(token)
 }
 
 #[cfg(test)]

@@ -387,7 +387,7 @@ pub async fn serve(listener: TcpListener, raft: Raft, token: String, lease: Arc<
 /// kernel's backlog, where it would hold a slot of its own), and the port keeps serving
 /// those it has. A failed accept (out of file descriptors, say) is logged and retried
 /// after a pause rather than ending the server.
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, max: usize, serve: F)
+pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, max: usize, serve: F)
 where
     F: Fn(TcpStream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -443,7 +443,7 @@ impl Every {
 }
 
 /// Compares secrets in time that does not depend on where they first differ.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for (i, x) in a.iter().enumerate() {
         diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));

@@ -98,6 +98,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         admin_addr: opts.advertised(&opts.admin_addr),
         client_addr: opts.advertised(&opts.client_addr),
         uid: String::new(),
+        role: crate::types::Role::Replica,
     };
     if let Some(cluster) = &opts.force_new_cluster {
         force_new_cluster(&opts, &mut inputs, &mut log, cluster, member.clone()).await?;
@@ -489,6 +490,7 @@ fn join(
         cluster_id: me.cluster().map(str::to_string),
         empty_log: !has_log,
         limits: inputs.node_file.limits,
+        role: crate::types::Role::Replica,
     };
     let (token, dir, node_file) = (inputs.token.clone(), inputs.data_dir.clone(), inputs.node_file.clone());
     let wants_voter = dir.join(WANTS_VOTER_MARK);

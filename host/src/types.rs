@@ -8,8 +8,30 @@ use serde::{Deserialize, Serialize};
 /// Node ids are plain integers, as given by `--id`.
 pub type NodeId = u64;
 
-/// What the cluster knows about a member: the addresses others use to reach it, and the
-/// uid of the process (data dir) that holds the id, so that no other can take its place.
+/// What a member is for. Recorded in the membership, so that every member (and
+/// `/status`) knows it, and the leader never promotes a logger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A replica running the guest: a voter, or a learner on its way to being one.
+    #[default]
+    Replica,
+    /// An archive of the committed commands (`logger`): a learner, never promoted.
+    Logger,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Replica => "replica",
+            Role::Logger => "logger",
+        }
+    }
+}
+
+/// What the cluster knows about a member: the addresses others use to reach it, the
+/// uid of the process (data dir) that holds the id, so that no other can take its place,
+/// and its role.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Member {
     pub raft_addr: String,
@@ -17,6 +39,7 @@ pub struct Member {
     pub client_addr: String,
     /// Empty for a member that joined before member uids existed: not checked.
     pub uid: String,
+    pub role: Role,
 }
 
 impl fmt::Display for Member {
@@ -24,6 +47,9 @@ impl fmt::Display for Member {
         write!(f, "raft={} admin={} client={}", self.raft_addr, self.admin_addr, self.client_addr)?;
         if !self.uid.is_empty() {
             write!(f, " uid={}", self.uid)?;
+        }
+        if self.role != Role::Replica {
+            write!(f, " role={}", self.role.as_str())?;
         }
         Ok(())
     }
@@ -33,8 +59,11 @@ impl fmt::Display for Member {
 /// which has no field names and no way to skip a missing field: a `#[serde(default)]` field
 /// would misread every membership written before it. Members written before uids were
 /// three strings, each a u64 length then its bytes; now the record starts with a length no
-/// string can have ([`member_serde::TAGGED`]), then the four fields. Self-describing formats
-/// get a plain struct whose `uid` defaults to empty.
+/// string can have ([`member_serde::TAGGED`]), then the four fields. A member whose role
+/// is not the default starts with another such length ([`member_serde::TAGGED_ROLE`]) and
+/// has the role after them, so a replica is still written as before (a member of an older
+/// release reads it) and records of either older form decode as replicas. Self-describing
+/// formats get a plain struct whose `uid` and `role` default.
 mod member_serde {
     use std::fmt;
 
@@ -42,9 +71,10 @@ mod member_serde {
     use serde::ser::SerializeTuple;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::Member;
+    use super::{Member, Role};
 
     pub(super) const TAGGED: u64 = u64::MAX;
+    pub(super) const TAGGED_ROLE: u64 = u64::MAX - 1;
 
     #[derive(Serialize, Deserialize)]
     struct Named {
@@ -53,6 +83,8 @@ mod member_serde {
         client_addr: String,
         #[serde(default)]
         uid: String,
+        #[serde(default)]
+        role: Role,
     }
 
     impl Serialize for Member {
@@ -63,15 +95,20 @@ mod member_serde {
                     admin_addr: self.admin_addr.clone(),
                     client_addr: self.client_addr.clone(),
                     uid: self.uid.clone(),
+                    role: self.role,
                 }
                 .serialize(s);
             }
-            let mut t = s.serialize_tuple(5)?;
-            t.serialize_element(&TAGGED)?;
+            let with_role = self.role != Role::Replica;
+            let mut t = s.serialize_tuple(if with_role { 6 } else { 5 })?;
+            t.serialize_element(if with_role { &TAGGED_ROLE } else { &TAGGED })?;
             t.serialize_element(&self.raft_addr)?;
             t.serialize_element(&self.admin_addr)?;
             t.serialize_element(&self.client_addr)?;
             t.serialize_element(&self.uid)?;
+            if with_role {
+                t.serialize_element(&self.role)?;
+            }
             t.end()
         }
     }
@@ -85,9 +122,11 @@ mod member_serde {
                     admin_addr: n.admin_addr,
                     client_addr: n.client_addr,
                     uid: n.uid,
+                    role: n.role,
                 });
             }
-            d.deserialize_tuple(5, Compact)
+            // The longest form; bincode reads only as many elements as the visitor asks for.
+            d.deserialize_tuple(6, Compact)
         }
     }
 
@@ -103,7 +142,8 @@ mod member_serde {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Member, A::Error> {
             let missing = || de::Error::custom("truncated member");
             let head: u64 = seq.next_element()?.ok_or_else(missing)?;
-            let raft_addr = if head == TAGGED {
+            let tagged = head == TAGGED || head == TAGGED_ROLE;
+            let raft_addr = if tagged {
                 seq.next_element()?.ok_or_else(missing)?
             } else {
                 // `head` was the length of the first address of an old record.
@@ -113,8 +153,9 @@ mod member_serde {
             };
             let admin_addr = seq.next_element()?.ok_or_else(missing)?;
             let client_addr = seq.next_element()?.ok_or_else(missing)?;
-            let uid = if head == TAGGED { seq.next_element()?.ok_or_else(missing)? } else { String::new() };
-            Ok(Member { raft_addr, admin_addr, client_addr, uid })
+            let uid = if tagged { seq.next_element()?.ok_or_else(missing)? } else { String::new() };
+            let role = if head == TAGGED_ROLE { seq.next_element()?.ok_or_else(missing)? } else { Role::Replica };
+            Ok(Member { raft_addr, admin_addr, client_addr, uid, role })
         }
     }
 
@@ -281,7 +322,41 @@ mod tests {
             admin_addr: format!("10.0.0.{i}:13000"),
             client_addr: format!("10.0.0.{i}:11000"),
             uid: uid.to_string(),
+            role: Role::Replica,
         }
+    }
+
+    /// A replica is written exactly as before roles (older releases read it); a logger
+    /// round-trips with its role, next to members of either older form.
+    #[test]
+    fn roles_round_trip_and_replicas_keep_the_earlier_encoding() {
+        #[derive(Serialize)]
+        struct WithUid {
+            tag: u64,
+            raft_addr: String,
+            admin_addr: String,
+            client_addr: String,
+            uid: String,
+        }
+        let m = member(1, "ab");
+        let earlier = WithUid {
+            tag: member_serde::TAGGED,
+            raft_addr: m.raft_addr.clone(),
+            admin_addr: m.admin_addr.clone(),
+            client_addr: m.client_addr.clone(),
+            uid: m.uid.clone(),
+        };
+        assert_eq!(bincode::serialize(&m).expect("encode"), bincode::serialize(&earlier).expect("encode"));
+
+        let logger = Member { role: Role::Logger, ..member(9, "cd") };
+        let all: BTreeMap<u64, Member> = BTreeMap::from([(1, m), (2, member(2, "")), (9, logger.clone())]);
+        let bytes = bincode::serialize(&(all.clone(), 7u64)).expect("encode");
+        assert_eq!(bincode::deserialize::<(BTreeMap<u64, Member>, u64)>(&bytes).expect("decode"), (all, 7));
+        let json = serde_json::to_string(&logger).expect("json");
+        assert!(json.contains(r#""role":"logger""#), "{json}");
+        assert_eq!(serde_json::from_str::<Member>(&json).expect("json"), logger);
+        let cut = bincode::serialize(&logger).expect("encode");
+        assert!(bincode::deserialize::<Member>(&cut[..cut.len() - 1]).is_err(), "a truncated role");
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct MemberStatus {
     pub voter: bool,
     /// The member uid on record; empty for a member that joined before uids existed.
     pub uid: String,
+    /// `replica` or `logger` (a logger is a learner that is never promoted).
+    #[serde(default)]
+    pub role: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +72,7 @@ pub(super) fn members(app: &App) -> Vec<MemberStatus> {
             client_addr: n.client_addr.clone(),
             voter: voters.contains(id),
             uid: n.uid.clone(),
+            role: n.role.as_str().to_string(),
         })
         .collect()
 }

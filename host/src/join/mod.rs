@@ -8,7 +8,7 @@ pub mod policy;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::types::NodeId;
+use crate::types::{NodeId, Role};
 
 /// A node's request to become a member. The module hash and the settings digest let the
 /// leader refuse a node that would compute a different state; the cluster id and member uid
@@ -43,6 +43,10 @@ pub struct JoinRequest {
     /// compared.
     #[serde(flatten)]
     pub limits: Option<crate::identity::GuestLimits>,
+    /// A logger has no guest to compare and is never promoted; replicas from releases
+    /// before roles send none.
+    #[serde(default)]
+    pub role: Role,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

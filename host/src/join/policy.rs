@@ -16,7 +16,7 @@ use super::{config_sha256, JoinReply, JoinRequest};
 use crate::admin::TOKEN_HEADER;
 use crate::api::App;
 use crate::identity::PROTOCOL_VERSION;
-use crate::types::{Member, NodeId};
+use crate::types::{Member, NodeId, Role};
 
 pub(crate) fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
     let ok = code.is_success();
@@ -55,7 +55,14 @@ pub(crate) fn must_lead(app: &App) -> Result<(), Response> {
 /// Why node `req.id` may not take its place in `membership`, if it may not.
 fn refuse_existing(req: &JoinRequest, existing: &Member, node: &Member, is_voter: bool) -> Option<String> {
     let mut why = Vec::new();
-    if !existing.uid.is_empty() && existing.uid != req.member_uid {
+    if existing.role != req.role {
+        why.push(format!(
+            "node id {} is held by a {} and this node joins as a {}: pick another id",
+            req.id,
+            existing.role.as_str(),
+            req.role.as_str()
+        ));
+    } else if !existing.uid.is_empty() && existing.uid != req.member_uid {
         why.push(format!(
             "node {} is already a member with member uid {}, and this process has member uid {}: \
              another process holds that id, or this one lost the data dir it joined with",
@@ -105,7 +112,8 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
         tracing::warn!(node = req.id, "join refused: wrong cluster token");
         return refused;
     }
-    if req.fsm_sha256 != app.fsm_sha256 {
+    // A logger runs no guest: it archives the commands, it does not compute the state.
+    if req.role == Role::Replica && req.fsm_sha256 != app.fsm_sha256 {
         return reply(
             StatusCode::CONFLICT,
             format!(
@@ -116,7 +124,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
         );
     }
     let ours = config_sha256(&app.fsm_config);
-    if req.fsm_config_sha256 != ours {
+    if req.role == Role::Replica && req.fsm_config_sha256 != ours {
         return reply(
             StatusCode::CONFLICT,
             format!(
@@ -126,7 +134,9 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
             None,
         );
     }
-    if let Some(why) = crate::identity::refuse_limits(req.id, req.limits.as_ref(), &app.sm.limits().pinned()) {
+    let limits = app.sm.limits().pinned();
+    let refused_limits = || crate::identity::refuse_limits(req.id, req.limits.as_ref(), &limits);
+    if let Some(why) = (req.role == Role::Replica).then(refused_limits).flatten() {
         return reply(StatusCode::CONFLICT, why, None);
     }
     let Some(cluster_id) = app.identity.cluster().map(str::to_string) else {
@@ -153,6 +163,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
         admin_addr: req.admin_addr.clone(),
         client_addr: req.client_addr.clone(),
         uid: req.member_uid.clone(),
+        role: req.role,
     };
     let membership = m.membership_config.membership().clone();
     let is_voter = membership.voter_ids().any(|v| v == req.id);
@@ -186,7 +197,9 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body
             }
         }
     }
-    if !req.learner && !is_voter {
+    // A logger stays a learner: it must never count towards a quorum, so that losing
+    // every logger never stops the cluster from committing.
+    if !req.learner && !is_voter && req.role == Role::Replica {
         // Promoting a learner that lags would stall commits behind it; it is checked on
         // every join, since a retried or concurrent one may find the learner already added.
         if let Err(r) = caught_up(&app, req.id, Duration::from_secs(120)).await {
@@ -252,12 +265,14 @@ mod tests {
             cluster_id: None,
             empty_log,
             limits: None,
+            role: Role::Replica,
         };
         let node = Member {
             raft_addr: req.raft_addr.clone(),
             admin_addr: req.admin_addr.clone(),
             client_addr: req.client_addr.clone(),
             uid: uid.into(),
+            role: Role::Replica,
         };
         (req, node)
     }
@@ -289,5 +304,14 @@ mod tests {
         let legacy_moved = Member { raft_addr: "elsewhere".into(), ..legacy };
         let why = refuse_existing(&req, &legacy_moved, &node, true).expect("legacy, other addresses");
         assert!(why.contains("before member uids"), "{why}");
+
+        // A logger cannot take a replica's id, nor a replica a logger's.
+        let (mut logger, logger_node) = joiner("u1", false, true);
+        logger.role = Role::Logger;
+        let why = refuse_existing(&logger, &on_record, &logger_node, false).expect("a logger on a replica's id");
+        assert!(why.contains("held by a replica") && why.contains("as a logger"), "{why}");
+        let on_record_logger = Member { role: Role::Logger, ..node.clone() };
+        assert!(refuse_existing(&req, &on_record_logger, &node, false).is_some(), "a replica on a logger's id");
+        assert_eq!(refuse_existing(&logger, &on_record_logger, &Member { role: Role::Logger, ..node }, false), None);
     }
 }

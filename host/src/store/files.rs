@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use super::log::record::{decode_records, encode_record};
 
 /// A small state file holding one record; `None` if it does not exist.
-pub(crate) fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+pub fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     let data = match fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -25,7 +25,7 @@ pub(crate) fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<
 }
 
 /// Replace a small state file with one record holding `value`.
-pub(crate) fn write_small<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+pub fn write_small<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let mut data = Vec::new();
     encode_record(value, &mut data).map_err(io::Error::other)?;
     write_file_durably(path, &data)
@@ -43,7 +43,7 @@ pub fn write_file_durably(path: &Path, data: &[u8]) -> io::Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -20,14 +20,14 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     listeners.iter().map(|l| l.local_addr().expect("local address of a bound listener").port()).collect()
 }
 
-/// A command that does not inherit `HOST_*`, `KV_*` or `LOADGEN_*` variables: `host`,
+/// A command that does not inherit `HOST_*`, `KV_*`, `LOADGEN_*` or `LOGGER_*` variables: `host`,
 /// `kv` and `loadgen` read their flags from them, and a developer's shell must not
 /// change what a test starts.
 pub fn clean_command(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     for (key, _) in std::env::vars_os() {
         let key_text = key.to_string_lossy();
-        if ["HOST_", "KV_", "LOADGEN_"].iter().any(|prefix| key_text.starts_with(prefix)) {
+        if ["HOST_", "KV_", "LOADGEN_", "LOGGER_"].iter().any(|prefix| key_text.starts_with(prefix)) {
             cmd.env_remove(key);
         }
     }

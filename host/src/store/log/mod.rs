@@ -50,7 +50,7 @@
 //! - `syncer`: the `log-sync` thread;
 //! - this module: the in-memory log and openraft's `RaftLogStorage`.
 
-pub(crate) mod record;
+pub mod record;
 mod segments;
 mod spare;
 mod syncer;
