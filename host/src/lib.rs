@@ -20,9 +20,11 @@
 //! - [`profiling`]: `--cpuprofile`, `--memprofile`; [`backoff`]: pauses between retries.
 //! - [`checkpoint`], [`lease`]: divergence detection; the leader lease and vote hold.
 //! - [`monitor`]: `--monitor FILE`, resource samples once a second.
+//! - [`archive`]: the command archive format (loggers, `--log-commands`, recovery streams).
 
 pub mod admin;
 pub mod api;
+pub mod archive;
 pub mod backoff;
 pub mod checkpoint;
 pub mod client;

@@ -3,15 +3,17 @@
 //! # Layout
 //!
 //! - [`config`]: flags, the list of followed clusters, logger ids to Raft node ids.
-//! - [`archive`]: the archive file (format, torn tails, corruption, recover plans,
-//!   truncation) and `logger inspect`.
+//! - [`archive`] (re-exported from the host library): the archive file (format, torn
+//!   tails, corruption, recover plans, truncation) and `logger inspect`.
 //! - [`sm`]: openraft's state machine: applying a committed entry archives it.
 //! - [`follow`]: one followed cluster: Raft node, peer server, join, commit index heard.
 //! - [`admin`]: `/status`, `/metrics`, `/recover`, `/truncate`.
 //! - [`stats`]: per-cluster figures and the throughput file.
 
 pub mod admin;
-pub mod archive;
+// The archive format lives in the host library: replicas write it too (`--log-commands`)
+// and serve it to `recovery`.
+pub use host::archive;
 pub mod config;
 pub mod follow;
 pub mod sm;

@@ -19,9 +19,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use host::store::files::sync_dir;
-use host::store::log::record::{encode_record, read_record, Next, RECORD_HEADER};
-use host::types::{LogId, Member, NodeId, StoredMembership};
+use crate::store::files::sync_dir;
+use crate::store::log::record::{encode_record, read_record, Next, RECORD_HEADER};
+use crate::types::{LogId, Member, NodeId, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 /// A record's body is at most this long: an entry is at most a few MiB of commands (the
