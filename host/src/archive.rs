@@ -44,6 +44,30 @@ pub enum Record {
 }
 
 impl Record {
+    /// The record of a committed entry: its commands (none for blank and membership
+    /// entries, so every index has a record) and its membership, if it is one. Loggers,
+    /// `--log-commands` and the replicas' `recover` all make records with this.
+    pub fn of_entry(entry: crate::types::Entry) -> Record {
+        let (cmds, membership) = match entry.payload {
+            openraft::EntryPayload::Blank => (Vec::new(), None),
+            openraft::EntryPayload::Normal(req) => (req.commands, None),
+            openraft::EntryPayload::Membership(m) => (Vec::new(), Some(m)),
+        };
+        Record::Entry {
+            log_id: entry.log_id,
+            commands: cmds.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+            membership,
+        }
+    }
+
+    /// Client commands in the record (a snapshot mark has none).
+    pub fn commands(&self) -> usize {
+        match self {
+            Record::Entry { commands, .. } => commands.len(),
+            Record::Snapshot { .. } => 0,
+        }
+    }
+
     pub fn index(&self) -> u64 {
         match self {
             Record::Entry { log_id, .. } | Record::Snapshot { log_id, .. } => log_id.index,

@@ -14,7 +14,7 @@ use host::store::covered::SnapshotCover;
 use host::store::files::{read_small, write_small};
 use host::types::{Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 
 use crate::archive::{Archive, Record};
 use crate::stats::Stats;
@@ -136,21 +136,8 @@ impl RaftStateMachine<TypeConfig> for ArchiveSm {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut records = Vec::new();
-        let mut commands = 0u64;
-        for entry in entries {
-            let (cmds, membership) = match entry.payload {
-                EntryPayload::Blank => (Vec::new(), None),
-                EntryPayload::Normal(req) => (req.commands, None),
-                EntryPayload::Membership(m) => (Vec::new(), Some(m)),
-            };
-            commands += cmds.len() as u64;
-            records.push(Record::Entry {
-                log_id: entry.log_id,
-                commands: cmds.into_iter().map(serde_bytes::ByteBuf::from).collect(),
-                membership,
-            });
-        }
+        let records: Vec<Record> = entries.into_iter().map(Record::of_entry).collect();
+        let commands = records.iter().map(|r| r.commands() as u64).sum();
         let n = records.len();
         let last = self
             .blocking(ErrorVerb::Write, move |a| {
