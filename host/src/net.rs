@@ -4,7 +4,7 @@
 //! at a time: request frame, response frame. A client keeps its connection for its whole
 //! life and re-dials after any failure. openraft 0.9 also makes a short-lived client for
 //! every leadership check (each linearizable read round) and election, so connections are
-//! returned to a per-address pool when a client is dropped: without it every read round
+//! returned to a per-member pool when a client is dropped: without it every read round
 //! cost a TCP connect, a hello and an accept per follower.
 //! The first frame proves membership when a cluster token is set, and names the cluster
 //! and the members at both ends (see `identity`): a member of another cluster, or another
@@ -55,8 +55,13 @@ impl Network {
     }
 }
 
-/// Idle, hello'd connections by peer address.
-type Pool = Arc<Mutex<HashMap<String, Vec<BufStream<TcpStream>>>>>;
+/// Idle, hello'd connections by the member they were opened to: node id, member uid and
+/// address. A hello proves the process at the far end is that member; keyed by address
+/// alone, a connection to a removed member would be handed to whoever replaced it at the
+/// same address (or a member that moved would get another's connection), skipping that
+/// check.
+type PoolKey = (NodeId, String, String);
+type Pool = Arc<Mutex<HashMap<PoolKey, Vec<BufStream<TcpStream>>>>>;
 
 /// Idle connections kept per peer: enough for the replication stream plus a few
 /// concurrent leadership checks; more are closed.
@@ -147,7 +152,7 @@ impl Drop for PeerClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take().filter(|_| !self.in_call) {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let list = idle.entry(self.addr.clone()).or_default();
+            let list = idle.entry(self.pool_key()).or_default();
             if list.len() < MAX_IDLE_PER_PEER {
                 list.push(conn);
             }
@@ -169,9 +174,14 @@ enum Transport {
 }
 
 impl PeerClient {
+    fn pool_key(&self) -> PoolKey {
+        (self.target, self.target_uid.clone(), self.addr.clone())
+    }
+
     async fn connect(&mut self) -> Result<&mut BufStream<TcpStream>, Transport> {
         if self.conn.is_none() {
-            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.addr).and_then(Vec::pop);
+            let key = self.pool_key();
+            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key).and_then(Vec::pop);
             self.reused = pooled.is_some();
             self.conn = pooled;
         }
@@ -571,7 +581,12 @@ mod tests {
                     let mut stream = BufStream::new(stream);
                     let mut buf = Vec::new();
                     let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
-                    let ours = answer_hello(&hello, "", &identity(2)).expect("hello from node 1");
+                    let ours = match answer_hello(&hello, "", &identity(2)) {
+                        Ok(ours) => ours,
+                        Err(refused) => {
+                            return write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused }).await;
+                        }
+                    };
                     let payload = prost::Message::encode_to_vec(&ours);
                     write_frame(&mut stream, &PeerResponse { payload, refused: String::new() }).await?;
                     let mut first_req = true;
@@ -657,6 +672,33 @@ mod tests {
         let resp = client.vote(vote(3), option).await.expect("vote on the pooled connection");
         assert_eq!(resp.vote, Vote::new(3, 1));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection for a pooled one");
+    }
+
+    /// A member replaced at the same address (another uid) must get its own hello: a
+    /// connection pooled for the old member proves nothing about the new one.
+    #[tokio::test]
+    async fn a_pooled_connection_is_never_lent_to_another_member_at_the_same_address() {
+        let (addr, accepted) = peer().await;
+        let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
+        let mut network = Network::new(Arc::new(identity(1)), String::new(), lease, Durable::new(None));
+        let option = RPCOption::new(Duration::from_secs(5));
+        let old = Member { raft_addr: addr.clone(), uid: identity(2).uid, ..Default::default() };
+        // The peer's first request on its first connection is answered late: spend it.
+        let mut client = network.new_client(2, &old).await;
+        let _ = tokio::time::timeout(GIVE_UP, client.vote(vote(1), option.clone())).await;
+        drop(client);
+        let mut client = network.new_client(2, &old).await;
+        client.vote(vote(2), option.clone()).await.expect("vote to the member on record");
+        drop(client);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The process at that address is still the old member: asked for another uid, it
+        // is refused on a new connection rather than reached through the pooled one.
+        let replaced = Member { raft_addr: addr, uid: "f".repeat(32), ..Default::default() };
+        let mut client = network.new_client(2, &replaced).await;
+        let err = client.vote(vote(3), option).await.expect_err("the old member is not the new one");
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection and hello for the new member");
     }
 
     /// openraft times out a call by dropping its future (before our own timeout of the same

@@ -397,35 +397,6 @@ mod tests {
     }
 
     #[test]
-    fn read_sizes_do_not_change_the_stream() {
-        let store = sample();
-        let whole = read_all(&store, 1 << 20).concat();
-        for max in [1, 2, 3, 7, 11, 12, 13, 16, 17, 1000, 65_536, 65_537] {
-            let chunks = read_all(&store, max);
-            assert_eq!(chunks.concat(), whole, "max {max}");
-            // Only the last chunk may be short: the rest fill their budget.
-            for chunk in &chunks[..chunks.len() - 1] {
-                assert_eq!(chunk.len(), max, "max {max}");
-            }
-        }
-    }
-
-    #[test]
-    fn roundtrip_with_tiny_reads_and_odd_chunks() {
-        let store = sample();
-        let stream = read_all(&store, 7).concat();
-        for chunk_size in [1, 3, 5, 11, 12, 13, 4097, stream.len()] {
-            let chunks: Vec<&[u8]> = stream.chunks(chunk_size).collect();
-            let disk = restore_into(*store.settings(), &chunks).expect("restore");
-            assert!(disk.bytes() == store.disk().bytes(), "chunk size {chunk_size}");
-        }
-        // Empty chunks are harmless.
-        let disk = restore_into(*store.settings(), &[b"", &stream[..2], b"", &stream[2..20], b"", &stream[20..], b""])
-            .expect("restore");
-        assert!(disk.bytes() == store.disk().bytes());
-    }
-
-    #[test]
     fn restore_replaces_the_state_and_the_digest() {
         let source = sample();
         let stream = read_all(&source, 100).concat();
@@ -588,14 +559,6 @@ mod tests {
     }
 
     #[test]
-    fn zero_max_bytes_is_an_error_not_the_end() {
-        let store = sample();
-        let mut reader = SnapshotReader::new(&store);
-        assert!(reader.read(&store, 0).is_err());
-        assert_eq!(reader.read(&store, 4), Ok(b"DSK1".to_vec()));
-    }
-
-    #[test]
     fn snapshot_does_not_change_state() {
         let store = sample();
         let (bytes, digest, generation) = (store.disk().clone(), store.digest(), store.generation());
@@ -603,5 +566,56 @@ mod tests {
         assert!(store.disk() == &bytes);
         assert_eq!(store.digest(), digest);
         assert_eq!(store.generation(), generation);
+    }
+
+    impl kvcommand::snapshot_kit::Reader<Store<MemDisk>> for SnapshotReader {
+        fn read(&mut self, store: &Store<MemDisk>, max: usize) -> Result<Vec<u8>, String> {
+            SnapshotReader::read(self, store, max)
+        }
+    }
+
+    impl kvcommand::snapshot_kit::Subject for Store<MemDisk> {
+        fn sample() -> Self {
+            sample()
+        }
+        fn apply(&mut self, command: &[u8]) -> Result<Vec<u8>, String> {
+            self.run(command)
+        }
+        fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+            Store::query(self, request)
+        }
+        fn digest(&self) -> Vec<u8> {
+            Store::digest(self).to_bytes().to_vec()
+        }
+        fn reader(&self) -> Box<dyn kvcommand::snapshot_kit::Reader<Self>> {
+            Box::new(SnapshotReader::new(self))
+        }
+        fn restore_beside(&self, chunks: &[&[u8]]) -> Result<Self, String> {
+            let mut target = store_with(*self.settings(), &commands(&["set-5-old", "set-0-other"]));
+            let (disk, dirty) = restore_with_dirty(*self.settings(), chunks)?;
+            target.replace_disk(disk, dirty, Ok)?;
+            Ok(target)
+        }
+        fn boundaries(stream: &[u8]) -> Vec<usize> {
+            let mut ends = vec![HEADER_LEN];
+            let mut pos = HEADER_LEN;
+            for (_, bytes) in records(stream) {
+                pos += RECORD_HEADER_LEN + bytes.len();
+                ends.push(pos);
+            }
+            ends
+        }
+        fn a_change(n: u32) -> Vec<u8> {
+            match n % 3 {
+                0 => format!("set-{}-v{n}", n % 201).into_bytes(),
+                1 => format!("set-7-{}", "w".repeat(n as usize * 13 % 1000 + 1)).into_bytes(),
+                _ => b"delete-3".to_vec(),
+            }
+        }
+    }
+
+    #[test]
+    fn the_shared_snapshot_properties_hold() {
+        kvcommand::snapshot_kit::check_all::<Store<MemDisk>>();
     }
 }

@@ -9,4 +9,6 @@ pub mod command;
 pub mod digest;
 pub mod proto;
 pub mod settings;
+#[cfg(feature = "snapshot-kit")]
+pub mod snapshot_kit;
 pub mod text;

@@ -229,34 +229,6 @@ mod tests {
     }
 
     #[test]
-    fn read_sizes_do_not_change_the_stream() {
-        let store = sample();
-        let whole = read_all(&store, 1 << 20).concat();
-        for max in [1, 2, 3, 7, 8, 9, 13, 64, 117, 1000] {
-            let chunks = read_all(&store, max);
-            assert_eq!(chunks.concat(), whole, "max {max}");
-            // Only the last chunk may be short: the rest fill their budget.
-            for chunk in &chunks[..chunks.len() - 1] {
-                assert_eq!(chunk.len(), max, "max {max}");
-            }
-        }
-    }
-
-    #[test]
-    fn roundtrip_with_tiny_reads_and_odd_chunks() {
-        let store = sample();
-        let stream = read_all(&store, 7).concat();
-        for chunk_size in [1, 3, 5, 7, 11, 4096] {
-            let chunks: Vec<&[u8]> = stream.chunks(chunk_size).collect();
-            let table = restore(&chunks).expect("restore");
-            assert_eq!(&table, store.table(), "chunk size {chunk_size}");
-        }
-        // Empty chunks are harmless.
-        let table = restore(&[b"", &stream[..2], b"", &stream[2..], b""]).expect("restore");
-        assert_eq!(table.digest(), store.table().digest());
-    }
-
-    #[test]
     fn roundtrip_preloaded() {
         let store = Store::new(&Settings { preload_keys: 200, preload_value_size: 33, ..Settings::default() });
         let chunks = read_all(&store, 100);
@@ -318,30 +290,54 @@ mod tests {
         assert!(restore(&[&huge]).expect_err("huge").contains("truncated"));
     }
 
-    #[test]
-    fn reading_after_a_change_fails() {
-        let mut store = sample();
-        let mut reader = SnapshotReader::new(&store);
-        assert!(reader.read(&store, 10).is_ok());
-        store.apply(b"set-z-1").expect("set");
-        assert!(reader.read(&store, 10).is_err());
+    impl kvcommand::snapshot_kit::Reader<Store> for SnapshotReader {
+        fn read(&mut self, store: &Store, max: usize) -> Result<Vec<u8>, String> {
+            SnapshotReader::read(self, store, max)
+        }
+    }
+
+    impl kvcommand::snapshot_kit::Subject for Store {
+        fn sample() -> Store {
+            sample()
+        }
+        fn apply(&mut self, command: &[u8]) -> Result<Vec<u8>, String> {
+            Store::apply(self, command)
+        }
+        fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+            Store::query(self, request)
+        }
+        fn digest(&self) -> Vec<u8> {
+            Store::digest(self).to_vec()
+        }
+        fn reader(&self) -> Box<dyn kvcommand::snapshot_kit::Reader<Store>> {
+            Box::new(SnapshotReader::new(self))
+        }
+        fn restore_beside(&self, chunks: &[&[u8]]) -> Result<Store, String> {
+            let mut target = store_with(&["set-unrelated-1", "set-a-other"]);
+            target.replace_table(restore(chunks)?);
+            Ok(target)
+        }
+        fn boundaries(stream: &[u8]) -> Vec<usize> {
+            // The magic, then records of [key len u32][key][value len u32][value].
+            let mut ends = vec![4];
+            let mut pos = 4;
+            while let Some((_, _, next)) = next_record(stream, pos) {
+                ends.push(next);
+                pos = next;
+            }
+            ends
+        }
+        fn a_change(n: u32) -> Vec<u8> {
+            match n % 3 {
+                0 => format!("set-k{n}-v{n}").into_bytes(),
+                1 => format!("set-a-{n}").into_bytes(),
+                _ => b"delete-b".to_vec(),
+            }
+        }
     }
 
     #[test]
-    fn zero_max_bytes_is_an_error_not_the_end() {
-        let store = sample();
-        let mut reader = SnapshotReader::new(&store);
-        assert!(reader.read(&store, 0).is_err());
-        assert_eq!(reader.read(&store, 4), Ok(b"KVS1".to_vec()));
-    }
-
-    #[test]
-    fn snapshot_does_not_change_state() {
-        let store = sample();
-        let digest = store.digest();
-        let generation = store.generation();
-        read_all(&store, 5);
-        assert_eq!(store.digest(), digest);
-        assert_eq!(store.generation(), generation);
+    fn the_shared_snapshot_properties_hold() {
+        kvcommand::snapshot_kit::check_all::<Store>();
     }
 }
