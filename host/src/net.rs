@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{MAX_BATCH_BYTES, MAX_BATCH_COMMANDS};
 use crate::codec::{read_frame, read_frame_within, write_frame, FrameError, Timeouts};
-use crate::identity::{Hello, Identity};
+use crate::identity::{Hello, Identity, IdentityError};
 use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
 use crate::store::Durable;
@@ -191,7 +191,8 @@ impl PeerClient {
                 .map_err(|e| Transport::Unreachable(format!("connect {}: {e}", self.addr)))?;
             let _ = stream.set_nodelay(true);
             let mut stream = BufStream::new(stream);
-            let hello = self.me.hello_to(self.target, &self.target_uid).map_err(Transport::Unreachable)?;
+            let hello =
+                self.me.hello_to(self.target, &self.target_uid).map_err(|e| Transport::Unreachable(e.to_string()))?;
             let hello = PeerHello { token: self.token.clone(), ..to_proto(&hello) };
             let req =
                 PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() };
@@ -204,7 +205,9 @@ impl PeerClient {
             let answer = if resp.refused.is_empty() {
                 <PeerHello as prost::Message>::decode(resp.payload.as_slice())
                     .map_err(|e| format!("malformed answer to our hello: {e}"))
-                    .and_then(|h| self.me.admit(&from_proto(&h), Some((self.target, &self.target_uid))))
+                    .and_then(|h| {
+                        self.me.admit(&from_proto(&h), Some((self.target, &self.target_uid))).map_err(|e| e.to_string())
+                    })
                     .map_err(|why| format!("refused {} at {}: {why}", self.target, self.addr))
             } else {
                 Err(format!("node {} at {} refused us: {}", self.target, self.addr, resp.refused))
@@ -487,19 +490,31 @@ fn from_proto(h: &PeerHello) -> Hello {
     }
 }
 
+/// Why a peer's first frame is refused (sent back to it as text, and logged).
+#[derive(Debug, thiserror::Error)]
+enum HelloRefused {
+    #[error("expected a hello frame first")]
+    NotAHello,
+    #[error("malformed hello: {0}")]
+    Malformed(#[from] prost::DecodeError),
+    #[error("wrong cluster token")]
+    Token,
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
 /// The answer to a peer's hello: ours, addressed to it, or why it is refused.
-fn answer_hello(req: &PeerRequest, token: &str, me: &Identity) -> Result<PeerHello, String> {
+fn answer_hello(req: &PeerRequest, token: &str, me: &Identity) -> Result<PeerHello, HelloRefused> {
     if req.kind != PeerKind::Hello as i32 {
-        return Err("expected a hello frame first".into());
+        return Err(HelloRefused::NotAHello);
     }
-    let hello =
-        <PeerHello as prost::Message>::decode(req.payload.as_ref()).map_err(|e| format!("malformed hello: {e}"))?;
+    let hello = <PeerHello as prost::Message>::decode(req.payload.as_ref())?;
     if !same_secret(hello.token.as_bytes(), token.as_bytes()) {
-        return Err("wrong cluster token".into());
+        return Err(HelloRefused::Token);
     }
     let theirs = from_proto(&hello);
     me.admit(&theirs, None)?;
-    me.hello_to(theirs.from, &theirs.from_uid).map(|h| to_proto(&h))
+    Ok(to_proto(&me.hello_to(theirs.from, &theirs.from_uid)?))
 }
 
 async fn serve_conn(
@@ -519,7 +534,7 @@ async fn serve_conn(
             if REFUSED_PEERS.ready() {
                 tracing::warn!(%refused, ?peer, "refused a peer connection (further refusals for 10 s are not logged)");
             }
-            write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused }).await?;
+            write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused: refused.to_string() }).await?;
             return Ok(());
         }
     };
@@ -584,6 +599,7 @@ mod tests {
                     let ours = match answer_hello(&hello, "", &identity(2)) {
                         Ok(ours) => ours,
                         Err(refused) => {
+                            let refused = refused.to_string();
                             return write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused }).await;
                         }
                     };
@@ -635,7 +651,7 @@ mod tests {
         assert_eq!((answer.from, answer.to, answer.token.as_str()), (2, 1, ""), "addressed back, no token");
         assert_eq!(one.admit(&from_proto(&answer), Some((2, &two.uid))), Ok(()));
 
-        let refused = |req: &PeerRequest, me: &Identity| answer_hello(req, "t", me).expect_err("refused");
+        let refused = |req: &PeerRequest, me: &Identity| answer_hello(req, "t", me).expect_err("refused").to_string();
         assert!(refused(&hello_request(&one, &two, "x"), &two).contains("token"));
         let impostor = Identity::new(2, two.uid.clone(), Some(crate::identity::random_id()));
         assert!(refused(&hello_request(&one, &two, "t"), &impostor).contains("cluster id mismatch"));
