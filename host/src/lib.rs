@@ -20,6 +20,8 @@
 //! - [`profiling`]: `--cpuprofile`, `--memprofile`; [`backoff`]: pauses between retries.
 //! - [`checkpoint`], [`lease`]: divergence detection; the leader lease and vote hold.
 //! - [`monitor`]: `--monitor FILE`, resource samples once a second.
+//! - [`daemon`]: what `host` and `logger` share around their work: logs, runtime, signals,
+//!   exit codes.
 //! - [`archive`]: the command archive format (loggers, `--log-commands`, recovery streams).
 
 pub mod admin;
@@ -30,6 +32,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod daemon;
 pub mod fsm;
 pub mod http_client;
 pub mod identity;

@@ -60,8 +60,8 @@ pub enum StartError {
     RaftStopped(String),
 }
 
-impl StartError {
-    pub fn exit_code(&self) -> i32 {
+impl crate::daemon::ExitCode for StartError {
+    fn exit_code(&self) -> i32 {
         match self {
             StartError::Guest(_)
             | StartError::Input(_)

@@ -4,7 +4,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -20,10 +19,6 @@ use tokio::net::TcpListener;
 use crate::follow::Cluster;
 use crate::sm::lock;
 
-/// Admin connections at once: operators, probes, recoveries.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub struct Admin {
     pub clusters: Vec<Arc<Cluster>>,
     pub token: String,
@@ -37,19 +32,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         .route("/truncate", post(truncate))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(admin);
-    host::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "admin connection closed");
-            }
-        }
-    })
-    .await;
+    host::admin::serve_router(listener, router).await;
 }
 
 #[derive(Debug, Serialize)]

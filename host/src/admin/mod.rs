@@ -42,6 +42,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/removed", post(members::removed))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app);
+    serve_router(listener, router).await;
+}
+
+/// Serves `router` as an admin port (the host's and the logger's): HTTP/1.1, at most
+/// [`MAX_ADMIN_CONNECTIONS`] at once, a request head within [`HEADER_READ_TIMEOUT`].
+pub async fn serve_router(listener: TcpListener, router: Router) {
     crate::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         async move {
