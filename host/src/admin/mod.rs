@@ -2,6 +2,7 @@
 //! and the membership operations in `members` (`GET /members`, `POST /members/remove`,
 //! `/members/demote`, `/members/promote`, `/leader/transfer`).
 
+pub mod guard;
 pub mod members;
 pub mod operator;
 pub mod status;
