@@ -133,6 +133,20 @@ impl Node {
         self.child.as_ref().unwrap_or_else(|| panic!("node {} is not running", self.id)).id()
     }
 
+    /// Waits for the process to exit on its own (a refusal at start, a fatal error, a
+    /// removal) and reaps it; panics with its log if it does not within `TIMEOUT`.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let status = poll_until(TIMEOUT, || self.exited().ok_or_else(|| "still running".to_string()))
+            .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", self.id, self.log_tail()));
+        self.kill9();
+        status
+    }
+
+    /// Everything the process logged, over all its starts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| panic!("{}: {e}", self.log_path.display()))
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
