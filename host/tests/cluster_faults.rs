@@ -50,7 +50,6 @@ fn assert_stops(node: &mut Node, why: &str) {
         node.id,
         node.log_tail()
     );
-    node.kill9();
 }
 
 #[test]
