@@ -6,7 +6,13 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "host", version, about = "Raft node running a WebAssembly state-machine guest")]
+#[command(
+    name = "host",
+    version,
+    about = "Raft node running a WebAssembly state-machine guest",
+    after_help = "Check a guest before it reaches a cluster: host check --fsm GUEST.wasm --commands FILE \
+                  (host check --help)"
+)]
 pub struct Opts {
     /// The guest component (.wasm) implementing wit/fsm.wit.
     #[arg(long, env = "HOST_FSM")]
@@ -147,7 +153,7 @@ pub struct Opts {
     pub no_fsync: bool,
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),

@@ -15,6 +15,10 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8] = b"prof:true,prof_active:false,lg_prof_sample:19\0";
 
 fn main() {
+    // `host check ...` checks a guest; anything else runs a member (`host --fsm ...`).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "check") {
+        std::process::exit(host::check::main(std::env::args_os().skip(1)));
+    }
     let opts = Opts::parse();
     host::daemon::init_tracing();
     host::daemon::run("host", |shutdown| host::node::run(opts, shutdown))
