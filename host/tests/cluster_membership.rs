@@ -445,6 +445,9 @@ fn t80_a_dead_member_is_replaced_under_load() {
     c.wait_voters(3);
     let new_uid = field_str(&c.nodes[dead].status(), "member_uid").to_string();
     assert_ne!(new_uid, old_uid, "a fresh data dir makes a new member");
+    let leader = c.leader();
+    let recorded = members(&c.nodes[leader].status()).iter().find(|m| field_u64(m, "id") == dead_id).cloned();
+    assert_eq!(recorded.as_ref().map(|m| field_str(m, "uid")), Some(new_uid.as_str()), "{recorded:?}");
     wait_progress(&mut c, LOAD_STEP);
 
     stop.store(true, Ordering::Relaxed);
