@@ -38,13 +38,6 @@ fn member_ids(status: &Value) -> Vec<u64> {
     members(status).iter().map(|m| field_u64(m, "id")).collect()
 }
 
-fn wait_exit(node: &mut Node) -> std::process::ExitStatus {
-    let status = poll_until(TIMEOUT, || node.exited().ok_or_else(|| "still running".to_string()))
-        .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", node.id, node.log_tail()));
-    node.kill9();
-    status
-}
-
 /// Clients run while a follower is removed: it hears of it and exits (0, saying so),
 /// refuses to start again on its data dir, the others keep committing as two voters,
 /// and the history holds.
@@ -65,7 +58,7 @@ fn t10_a_removed_member_is_told_and_stops_and_the_rest_serve_on() {
     let out = kv_admin(&admins(&c, &[via]), None, &["remove", &victim_id.to_string()]);
     assert!(out.status.success(), "remove: {}\n{}", stderr_of(&out), c.logs());
 
-    let status = wait_exit(&mut c.nodes[victim]);
+    let status = c.nodes[victim].wait_exit();
     assert_eq!(status.code(), Some(0), "a removed member stops as asked\n{}", c.nodes[victim].log_tail());
     assert!(c.nodes[victim].log_tail().contains("removed from cluster"), "{}", c.nodes[victim].log_tail());
 
@@ -94,7 +87,7 @@ fn t10_a_removed_member_is_told_and_stops_and_the_rest_serve_on() {
 
     // Its data dir remembers: started again, it refuses, naming what to do.
     c.nodes[victim].restart();
-    let status = wait_exit(&mut c.nodes[victim]);
+    let status = c.nodes[victim].wait_exit();
     assert_eq!(status.code(), Some(2));
     assert!(c.nodes[victim].log_tail().contains("was removed from cluster"), "{}", c.nodes[victim].log_tail());
 }
@@ -114,7 +107,7 @@ fn t20_a_dead_member_is_replaced_by_removal_and_a_fresh_join() {
 
     let seeds = admins(&c, &[leader]);
     c.nodes[dead].restart_joining(&seeds);
-    wait_exit(&mut c.nodes[dead]);
+    c.nodes[dead].wait_exit();
     assert!(c.nodes[dead].log_tail().contains("empty log"), "{}", c.nodes[dead].log_tail());
 
     let out = kv_admin(&seeds, None, &["remove", &dead_id.to_string()]);
@@ -267,7 +260,7 @@ fn t60_a_survivor_forces_a_new_cluster_after_losing_the_majority() {
     // Left on, the flag names a cluster this member no longer belongs to.
     c.nodes[survivor].terminate();
     c.nodes[survivor].restart();
-    let status = wait_exit(&mut c.nodes[survivor]);
+    let status = c.nodes[survivor].wait_exit();
     assert_eq!(status.code(), Some(2));
     assert!(c.nodes[survivor].log_tail().contains("remove the flag"), "{}", c.nodes[survivor].log_tail());
     c.nodes[survivor].forget_flag("--force-new-cluster");
@@ -277,7 +270,7 @@ fn t60_a_survivor_forces_a_new_cluster_after_losing_the_majority() {
     // An old member back with its data belongs to the old cluster: refused.
     let seeds = c.nodes[survivor].admin_addr.clone();
     c.nodes[1].restart_joining(&seeds);
-    wait_exit(&mut c.nodes[1]);
+    c.nodes[1].wait_exit();
     assert!(c.nodes[1].log_tail().contains("cluster id mismatch"), "{}", c.nodes[1].log_tail());
     std::fs::remove_dir_all(&c.nodes[1].data_dir).expect("wipe");
     c.nodes[1].restart_joining(&seeds);
@@ -359,7 +352,7 @@ fn t70_a_change_left_in_joint_consensus_is_finished_by_the_next_leader() {
     // Through node 1 alone: it dies while the operator waits for the second step.
     let out = kv_admin(&admins(&c, &[armed]), None, &["promote", &learner_id.to_string()]);
     assert!(!out.status.success(), "the leader died mid-change: {}", stdout_of(&out));
-    let status = wait_exit(&mut c.nodes[armed]);
+    let status = c.nodes[armed].wait_exit();
     assert!(!status.success(), "{status}");
     let died = std::fs::read_to_string(&c.nodes[armed].log_path).expect("node 1's log");
     assert!(died.contains(FAILPOINT), "node 1 died of something else:\n{}", c.nodes[armed].log_tail());
@@ -482,7 +475,7 @@ fn t90_the_leader_is_removed_under_load_after_handing_over() {
     assert_ne!(new, old, "{}", stdout_of(&out));
     let out = kv_admin(&all, None, &["remove", &old_id]);
     assert!(out.status.success(), "remove: {}\n{}", stderr_of(&out), c.logs());
-    let status = wait_exit(&mut c.nodes[old]);
+    let status = c.nodes[old].wait_exit();
     assert_eq!(status.code(), Some(0), "a removed member stops as asked\n{}", c.nodes[old].log_tail());
     wait_progress(&mut c, LOAD_STEP);
 
