@@ -99,9 +99,9 @@ pub fn read_commands(path: &Path, binary: bool) -> Result<Vec<Vec<u8>>, CheckErr
     if binary {
         let mut rest = &bytes[..];
         while !rest.is_empty() {
-            let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(|| {
-                bad(format!("a length prefix cut short at byte {}", bytes.len() - rest.len()))
-            })?;
+            let (len, tail) = rest
+                .split_first_chunk::<4>()
+                .ok_or_else(|| bad(format!("a length prefix cut short at byte {}", bytes.len() - rest.len())))?;
             let len = u32::from_be_bytes(*len) as usize;
             if tail.len() < len {
                 return Err(bad(format!("command {} claims {len} bytes, {} remain", commands.len(), tail.len())));
@@ -169,12 +169,7 @@ type Digests = Vec<(u64, Vec<u8>)>;
 
 /// Applies `commands` (entries `first..`) in batches of `batch`, checking one result per
 /// command; the digest after each batch is kept by the index of its last command.
-fn run(
-    inst: &mut Instance,
-    first: u64,
-    commands: &[Vec<u8>],
-    batch: usize,
-) -> Result<(Results, Digests), String> {
+fn run(inst: &mut Instance, first: u64, commands: &[Vec<u8>], batch: usize) -> Result<(Results, Digests), String> {
     let mut results = Vec::with_capacity(commands.len());
     let mut digests = Vec::new();
     for (n, chunk) in commands.chunks(batch).enumerate() {
@@ -382,10 +377,12 @@ pub fn check(opts: &CheckOpts) -> Result<Vec<Outcome>, CheckError> {
         samples.push((state, fuel, took));
     }
     let cheap = match (samples.first(), samples.last()) {
-        (Some(&(s0, f0, _)), Some(&(s1, f1, t1))) if s1 >= 4 * s0.max(1) && f1 > 2 * f0.max(1) => Verdict::Warn(format!(
+        (Some(&(s0, f0, _)), Some(&(s1, f1, t1))) if s1 >= 4 * s0.max(1) && f1 > 2 * f0.max(1) => {
+            Verdict::Warn(format!(
             "the digest's cost grows with the state: {f0} fuel at {s0} bytes of state, {f1} fuel ({t1:?}) at {s1}; \
              keep it incremental"
-        )),
+        ))
+        }
         _ => Verdict::Pass,
     };
     push("digest is cheap", cheap);

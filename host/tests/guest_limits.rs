@@ -8,7 +8,6 @@
 
 mod common;
 
-
 use common::*;
 
 fn args(list: &[&str]) -> Vec<String> {
