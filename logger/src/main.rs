@@ -43,13 +43,22 @@ fn main() {
                 return 1;
             }
         };
-        match logger::run(opts, shutdown).await {
+        let profiles = match host::profiling::Profiles::start(opts.cpuprofile.as_deref(), None).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("logger: {e}");
+                return 2;
+            }
+        };
+        let code = match logger::run(opts, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("logger: {e}");
                 e.exit_code()
             }
-        }
+        };
+        profiles.finish().await;
+        code
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(code);
