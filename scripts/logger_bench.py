@@ -175,12 +175,19 @@ class Bench:
 
     def sample(self):
         """Commands applied by all members, archived by the logger, and the logger's lag."""
-        cs = self.logger_status()
+        # The members are read between two reads of the logger, and the logger's figure is
+        # the mean of both: reading nine members takes a while on a loaded machine, and
+        # either order alone would skew the ratio by what was committed meanwhile.
+        before = self.logger_status()
+        t = time.monotonic()
+        applied = sum(applied_commands(i) for i in self.hosts)
+        t = (t + time.monotonic()) / 2
+        after = self.logger_status()
         return {
-            "t": time.monotonic(),
-            "applied": sum(applied_commands(i) for i in self.hosts),
-            "archived": sum(c["commands"] for c in cs),
-            "lag": sum(c["lag"] for c in cs),
+            "t": t,
+            "applied": applied,
+            "archived": (sum(c["commands"] for c in before) + sum(c["commands"] for c in after)) / 2,
+            "lag": sum(c["lag"] for c in after),
             "cpu_logger": cpu_seconds(self.logger.pid),
             "cpu_hosts": sum(cpu_seconds(p.pid) for p in self.hosts.values()),
         }
