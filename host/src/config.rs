@@ -148,6 +148,12 @@ pub struct Opts {
     #[arg(long, env = "HOST_CLIENT_REQUEST_BUDGET_MB", default_value_t = crate::api::DEFAULT_REQUEST_BUDGET >> 20)]
     pub client_request_budget_mb: usize,
 
+    /// Application-level command log: every applied entry is also written to
+    /// `<DIR>/<id>.log` (the logger's archive format, `logger inspect` reads it) and
+    /// fsynced before its result is answered. Off unless given.
+    #[arg(long, env = "HOST_LOG_COMMANDS", value_name = "DIR")]
+    pub log_commands: Option<PathBuf>,
+
     /// Do not fsync the log. Only for experiments: a crash can lose acknowledged writes.
     #[arg(long, env = "HOST_NO_FSYNC")]
     pub no_fsync: bool,

@@ -26,6 +26,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::net::{self, Network};
 use crate::profiling::{ProfileError, Profiles};
+use crate::store::command_log::CommandLog;
 use crate::store::{GuestSpec, LogStore, StateMachine};
 use crate::types::{Member, Raft};
 
@@ -124,6 +125,14 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         metrics.clone(),
     )
     .map_err(|e| StartError::Input(format!("{e:#}")))?;
+    let sm = match &opts.log_commands {
+        Some(dir) => {
+            let commands =
+                CommandLog::open(dir, opts.id, !opts.no_fsync).map_err(|e| StartError::Input(e.to_string()))?;
+            sm.with_command_log(commands).map_err(|e| StartError::Input(format!("--log-commands: {e:#}")))?
+        }
+        None => sm,
+    };
 
     let config = raft_config(&opts)?;
     let lease = Arc::new(Lease::for_timeouts(

@@ -23,5 +23,13 @@ fn main() {
         return;
     }
     host::daemon::init_tracing();
-    host::daemon::run("logger", |shutdown| logger::run(opts, shutdown))
+    host::daemon::run("logger", |shutdown| async move {
+        let cpuprofile = opts.cpuprofile.clone();
+        let profiles = host::profiling::Profiles::start(cpuprofile.as_deref(), None)
+            .await
+            .map_err(|e| logger::LoggerError::Input(e.to_string()))?;
+        let result = logger::run(opts, shutdown).await;
+        profiles.finish().await;
+        result
+    })
 }

@@ -52,6 +52,7 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOErr
 use tokio::io::AsyncSeekExt;
 use tokio::sync::oneshot;
 
+use super::command_log::CommandLog;
 use super::covered::SnapshotCover;
 use super::durable::Durable;
 use super::files::sync_dir;
@@ -86,6 +87,8 @@ pub struct StateMachine {
     /// Told when an install fails, so that the log's purge waiting for it gives up.
     cover: Option<SnapshotCover>,
     limits: Limits,
+    /// `--log-commands`: each batch is recorded there before it is applied.
+    commands: Option<CommandLog>,
 }
 
 /// What `/status` shows of the state: the digest at `last_applied`, read together.
@@ -184,7 +187,19 @@ impl StateMachine {
             seq: Arc::default(),
             cover,
             limits,
+            commands: None,
         })
+    }
+
+    /// Records every batch in `log` before applying it (`--log-commands`). A snapshot the
+    /// state machine starts from that reaches past the log's end is marked there first.
+    pub fn with_command_log(mut self, log: CommandLog) -> anyhow::Result<Self> {
+        let current = self.dir.join("current.snap");
+        if current.exists() {
+            log.snapshot_held(&SnapReader::open(&current)?.meta, &current)?;
+        }
+        self.commands = Some(log);
+        Ok(self)
     }
 
     /// The guest's execution limits on this member.
@@ -287,6 +302,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = entries.last() {
             self.durable.wait_for(last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, &e))?;
         }
+        if let Some(log) = &self.commands {
+            log.append(&entries).await.map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+        }
         self.call(|tx| Op::Apply(entries, tx)).await?
     }
 
@@ -316,6 +334,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let res = self.install_received(meta, snapshot).await;
         if let (Err(e), Some(cover)) = (&res, &self.cover) {
             cover.fail(e.to_string());
+        }
+        if let (Ok(()), Some(log)) = (&res, &self.commands) {
+            log.snapshot_installed(meta, &self.dir.join("current.snap"))
+                .await
+                .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         }
         res
     }
