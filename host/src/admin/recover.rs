@@ -6,7 +6,7 @@
 //!
 //! Nothing is held whole: the snapshot is copied from the file in chunks (from a handle
 //! opened before the answer starts, so a newer snapshot renamed into place meanwhile does
-//! not change what is sent), and entries are cloned out of the in-memory log a slice at a
+//! not change what is sent), and entries are cloned out of the in-memory log a slice (about 1 MiB) at a
 //! time, encoded and sent while the next slice waits. An entry purged while the answer is
 //! under way (a newer snapshot let the log go) cuts the body off rather than ending it
 //! cleanly: the client sees a broken answer, never a short one that looks whole, and asks
@@ -35,8 +35,11 @@ use crate::types::LogId;
 /// takes them, which a member under load can afford for a few recoveries, not for any
 /// number of strangers.
 pub const MAX_RECOVERIES: usize = 2;
-/// Entries cloned out of the log per lock: short enough not to stall appends behind it.
+/// Entries cloned out of the log per lock: few enough not to stall appends behind it,
+/// and about this many bytes of commands (at least one entry), so a slice of large
+/// batched entries does not hold tens of MiB.
 const ENTRIES_PER_SLICE: usize = 1024;
+const SLICE_BYTES: usize = 1 << 20;
 /// Bytes gathered before a chunk goes to the connection.
 const CHUNK: usize = 1 << 20;
 
@@ -162,6 +165,13 @@ fn plan(log: &SharedLog, snap_path: &std::path::Path, from: u64, to: u64) -> Res
     Ok(Plan { snapshot: Some((file, bytes, mark)), from: at.index + 1, to })
 }
 
+fn entry_bytes(e: &crate::types::Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(r) => r.commands.iter().map(|c| c.len() + 8).sum(),
+        _ => 64,
+    }
+}
+
 /// Sends `plan`'s answer through `out` (false: the client went away, stop quietly).
 fn stream(log: &SharedLog, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool) -> io::Result<()> {
     let mut buf = Vec::with_capacity(CHUNK + (64 << 10));
@@ -194,7 +204,17 @@ fn stream(log: &SharedLog, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool) ->
     while next <= plan.to {
         let slice: Vec<crate::types::Entry> = {
             let mem = log.lock().unwrap_or_else(|p| p.into_inner());
-            mem.entries.range(next..=plan.to).take(ENTRIES_PER_SLICE).map(|(_, e)| e.clone()).collect()
+            let mut bytes = 0usize;
+            mem.entries
+                .range(next..=plan.to)
+                .take(ENTRIES_PER_SLICE)
+                .take_while(|(_, e)| {
+                    let more = bytes < SLICE_BYTES;
+                    bytes += entry_bytes(e);
+                    more
+                })
+                .map(|(_, e)| e.clone())
+                .collect()
         };
         if slice.first().is_none_or(|e| e.log_id.index != next) {
             return Err(io::Error::other(format!(

@@ -14,7 +14,7 @@
 //!
 //! Transfer and install overlap: the connection's task hands each chunk of the answer to
 //! the installer through a channel of [`CHANNEL_CHUNKS`] chunks, so neither side holds
-//! more than a few MiB, whatever the size of the log or the state.
+//! more than some MiB, whatever the size of the log or the state.
 
 pub mod install;
 pub mod source;
@@ -31,9 +31,9 @@ use serde::Serialize;
 use self::install::{Installer, Outcome};
 use self::source::{Answer, Source};
 
-/// Chunks of the answer between the connection and the installer: hyper hands over at
-/// most a few hundred KiB at a time, so this bounds what waits to a few tens of MiB.
-pub const CHANNEL_CHUNKS: usize = 64;
+/// Chunks of the answer between the connection and the installer. Sources send chunks
+/// of up to about 1 MiB, so at most about 16 MiB wait here, however large the transfer.
+pub const CHANNEL_CHUNKS: usize = 16;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
