@@ -106,8 +106,7 @@ fn load(c: &Cluster, n: u64) {
 /// wait began, and returns (last_applied, state_digest) of member `i` then. Checkpoint
 /// entries keep coming, but they carry no commands: the digest stays.
 fn settled(c: &mut Cluster, i: usize) -> (u64, String) {
-    let s = c.wait_converged();
-    let _ = s;
+    c.wait_converged();
     let s = try_status(&c.nodes[i].admin_addr).expect("status");
     (field_u64(&s, "last_applied"), field_str(&s, "state_digest").to_string())
 }
@@ -370,4 +369,48 @@ fn t04_bad_input_gets_a_clear_error_and_its_exit_code() {
     body[second + 10] ^= 0x40;
     let fake = fake_source(body);
     check(&["--from", &fake], 1, &format!("corrupt record for index 1 at byte {second}"));
+}
+
+#[test]
+fn t05_error_results_are_state_and_a_trap_is_reported_with_its_index() {
+    let c = Cluster::start(1, "faulty", &[]);
+    let faulty = guest("faulty").display().to_string();
+    let admin = c.nodes[0].admin_addr.clone();
+    for cmd in ["add-3", "fail", "add-4"] {
+        c.kv(&["propose", cmd]);
+    }
+    let before = poll_until(TIMEOUT, || {
+        let s = try_status(&admin)?;
+        let counter = stdout_of(&c.kv(&["query", "get"]));
+        if counter.trim() == "7" {
+            Ok(s)
+        } else {
+            Err(format!("counter {counter}: {s}"))
+        }
+    })
+    .expect("the writes applied");
+    let (applied, digest) = (field_u64(&before, "last_applied"), field_str(&before, "state_digest").to_string());
+    // The error result of `fail` is part of the state, as on the member.
+    let r = recover_json(&["--fsm", &faulty, "--from", &admin, "--last-index", &applied.to_string()]);
+    assert_eq!(r["digest"], digest.as_str(), "{r}");
+    assert_eq!(r["guest_errors"].as_u64(), Some(1), "{r}");
+
+    // A command that traps: the member answers an error and rebuilds; recovery, which
+    // does not keep the log it streamed, stops and names the entry. `kv` returns once the
+    // entry is applied, so `last_applied` is then at or past it.
+    c.kv(&["propose", "add-then-trap-5"]);
+    let trapped = poll_until(TIMEOUT, || {
+        let s = try_status(&admin)?;
+        if field_u64(&s, "last_applied") > applied {
+            Ok(field_u64(&s, "last_applied"))
+        } else {
+            Err(format!("{s}"))
+        }
+    })
+    .expect("the trap applied");
+    let out = recovery(&["--fsm", &faulty, "--from", &admin, "--last-index", &trapped.to_string()]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("trapped on entry"), "{err}");
+    assert!(stdout_of(&out).trim().is_empty(), "{}", stdout_of(&out));
 }
