@@ -372,7 +372,7 @@ fn t04_bad_input_gets_a_clear_error_and_its_exit_code() {
 }
 
 #[test]
-fn t05_error_results_are_state_and_a_trap_is_reported_with_its_index() {
+fn t05_error_results_are_state_and_a_trapping_command_is_skipped_as_members_do() {
     let c = Cluster::start(1, "faulty", &[]);
     let faulty = guest("faulty").display().to_string();
     let admin = c.nodes[0].admin_addr.clone();
@@ -395,22 +395,23 @@ fn t05_error_results_are_state_and_a_trap_is_reported_with_its_index() {
     assert_eq!(r["digest"], digest.as_str(), "{r}");
     assert_eq!(r["guest_errors"].as_u64(), Some(1), "{r}");
 
-    // A command that traps: the member answers an error and rebuilds; recovery, which
-    // does not keep the log it streamed, stops and names the entry. `kv` returns once the
-    // entry is applied, so `last_applied` is then at or past it.
+    // A command that traps (it adds, then panics): the member answers an error and its
+    // state stays as before it; then more. Recovery meets the trap, starts over skipping
+    // that command, and ends with the member's digest. `kv` returns once an entry is
+    // applied, so the status read then is at or past it.
     c.kv(&["propose", "add-then-trap-5"]);
-    let trapped = poll_until(TIMEOUT, || {
-        let s = try_status(&admin)?;
-        if field_u64(&s, "last_applied") > applied {
-            Ok(field_u64(&s, "last_applied"))
-        } else {
-            Err(format!("{s}"))
-        }
-    })
-    .expect("the trap applied");
-    let out = recovery(&["--fsm", &faulty, "--from", &admin, "--last-index", &trapped.to_string()]);
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("trapped on entry"), "{err}");
-    assert!(stdout_of(&out).trim().is_empty(), "{}", stdout_of(&out));
+    c.kv(&["propose", "add-1"]);
+    let after = try_status(&admin).expect("status");
+    assert_eq!(stdout_of(&c.kv(&["query", "get"])).trim(), "8", "the trapped add had no effect");
+    let r = recover_json(&[
+        "--fsm",
+        &faulty,
+        "--from",
+        &admin,
+        "--last-index",
+        &field_u64(&after, "last_applied").to_string(),
+    ]);
+    assert_eq!(r["digest"], field_str(&after, "state_digest"), "{r}");
+    assert_eq!(r["replays"].as_u64(), Some(1), "{r}");
+    assert_eq!(r["guest_errors"].as_u64(), Some(2), "`fail` and the trapped command: {r}");
 }

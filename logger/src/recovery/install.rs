@@ -9,10 +9,12 @@
 //! asks again from the next index and the installer goes on. A snapshot that was cut
 //! off is discarded whole (the instance in use stays as it was). What cannot be resumed
 //! stops the recovery: a corrupt record (named by index and byte offset in the answer), a
-//! guest that traps on a command (named by index; members rebuild and answer an error
-//! there, from a replay of their own log that recovery, streaming, does not keep), a
-//! failure of the guest's limits.
+//! failure of the guest's limits. A command that traps is what members answer with an
+//! error while their state stays as before it (they rebuild from their snapshot and log):
+//! recovery keeps none of what it streamed, so it drops its state and asks again from the
+//! first index, skipping the commands known to trap, which leaves the same state.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -46,6 +48,12 @@ pub enum Outcome {
     /// Cut off: ask again from `next`.
     Cut {
         next: u64,
+        why: String,
+    },
+    /// A command trapped: the state was dropped; ask again from the first index, and the
+    /// installer skips the commands known to trap, as members do when they rebuild.
+    Replay {
+        from: u64,
         why: String,
     },
     Fatal(RecoveryError),
@@ -128,6 +136,7 @@ impl Installer {
             guest_errors: 0,
             snapshot: None,
             busy: Duration::ZERO,
+            trapped: BTreeSet::new(),
         };
         std::thread::Builder::new()
             .name("recovery-install".into())
@@ -222,6 +231,8 @@ impl ChannelReader<'_> {
 enum Stop {
     /// The connection broke off: resumable.
     Cut(String),
+    /// A command trapped: start over, skipping it.
+    Replay(String),
     Fatal(RecoveryError),
 }
 
@@ -246,7 +257,13 @@ struct Worker {
     /// The snapshot the state started from: index and bytes.
     snapshot: Option<(u64, u64)>,
     busy: Duration,
+    /// Commands (index, position) that trapped: skipped on the next pass.
+    trapped: BTreeSet<(u64, usize)>,
 }
+
+/// Commands that may trap before recovery gives up: each one costs a transfer from the
+/// first index.
+const MAX_TRAPS: usize = 16;
 
 fn fatal(why: String) -> Stop {
     Stop::Fatal(RecoveryError::Failed(why))
@@ -282,10 +299,14 @@ impl Worker {
                     why: format!("the answer ended before index {} (at byte {})", self.to, reader.offset),
                 },
                 Err(Stop::Cut(why)) => Outcome::Cut { next, why },
+                Err(Stop::Replay(why)) => {
+                    self.start_over();
+                    Outcome::Replay { from: self.from, why }
+                }
                 Err(Stop::Fatal(e)) => Outcome::Fatal(e),
             };
             match outcome {
-                Outcome::Cut { .. } => {
+                Outcome::Cut { .. } | Outcome::Replay { .. } => {
                     if out.blocking_send(outcome).is_err() {
                         return;
                     }
@@ -366,6 +387,20 @@ impl Worker {
         }
     }
 
+    /// Drops the state built so far (a command trapped); what is known to trap stays.
+    fn start_over(&mut self) {
+        if let Some((_, dir)) = self.inst.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+        self.last = None;
+        self.membership = StoredMembership::default();
+        self.first_index = None;
+        self.entries = 0;
+        self.commands = 0;
+        self.guest_errors = 0;
+        self.snapshot = None;
+    }
+
     /// A new, empty directory for an instance (its `/data`).
     fn fresh_dir(&mut self) -> Result<PathBuf, Stop> {
         let dir = self.guest_root.join(self.generation.to_string());
@@ -422,6 +457,11 @@ impl Worker {
     }
 
     fn apply(&mut self, log_id: &LogId, pos: usize, command: &[u8]) -> Result<(), Stop> {
+        if self.trapped.contains(&(log_id.index, pos)) {
+            // The error result every member answered; no effect on the state.
+            self.guest_errors += 1;
+            return Ok(());
+        }
         if self.inst.is_none() {
             let made = self.fresh()?;
             self.inst = Some(made);
@@ -434,12 +474,21 @@ impl Worker {
                 self.guest_errors += 1;
                 Ok(())
             }
-            ApplyOutcome::Trap(why) => Err(fatal(format!(
-                "the guest trapped on entry {} (command {pos}): {why}; members answer an error there and rebuild \
-                 their instance from their own snapshot and log, which recovery does not keep: recover from a \
-                 replica's snapshot taken after index {}",
-                log_id.index, log_id.index
-            ))),
+            // Members answer an error, rebuild their instance from their snapshot and the log
+            // before the command, skipping the commands known to trap, and go on. Recovery
+            // keeps none of what it streamed, so it starts over from the first index with
+            // the command marked, which leaves the same state.
+            ApplyOutcome::Trap(why) => {
+                if self.trapped.len() >= MAX_TRAPS {
+                    return Err(fatal(format!(
+                        "the guest trapped on entry {} (command {pos}): {why}; {MAX_TRAPS} commands trapped already, \
+                         each costing a transfer from the start: recover from a replica's snapshot past them",
+                        log_id.index
+                    )));
+                }
+                self.trapped.insert((log_id.index, pos));
+                Err(Stop::Replay(format!("the guest trapped on entry {} (command {pos}): {why}", log_id.index)))
+            }
             ApplyOutcome::MemberFailure(why) => {
                 Err(fatal(format!("entry {} (command {pos}) could not be applied here: {why}", log_id.index)))
             }
@@ -511,7 +560,7 @@ impl Worker {
 
 fn stop_error(s: Stop) -> RecoveryError {
     match s {
-        Stop::Cut(why) => RecoveryError::Failed(why),
+        Stop::Cut(why) | Stop::Replay(why) => RecoveryError::Failed(why),
         Stop::Fatal(e) => e,
     }
 }

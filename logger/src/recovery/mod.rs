@@ -162,6 +162,9 @@ pub struct Report {
     pub guest_errors: u64,
     /// Times a cut transfer was resumed.
     pub resumed: u32,
+    /// Times the transfer started over because a command trapped (the bytes of every pass
+    /// are counted).
+    pub replays: u32,
     pub data_dir: Option<String>,
 }
 
@@ -239,6 +242,7 @@ pub async fn run(opts: Opts) -> Result<Report, RecoveryError> {
         .then(|| tokio::spawn(show_progress(progress.clone(), to)));
     let started = Instant::now();
     let mut resumed = 0u32;
+    let mut replays = 0u32;
     let mut bytes = 0u64;
     let mut last_byte;
     let outcome = loop {
@@ -256,6 +260,16 @@ pub async fn run(opts: Opts) -> Result<Report, RecoveryError> {
         match installer.connection_ended(cut).await {
             Outcome::Done(done) => break Ok(done),
             Outcome::Fatal(e) => break Err(e),
+            Outcome::Replay { from, why } => {
+                replays += 1;
+                tracing::warn!(%why, "a command trapped; transferring again from {from}, skipping it");
+                match resume(&opts, &token, &mut src, &mut which, from, to).await {
+                    Ok(a) => answer = a,
+                    Err(e) => {
+                        break Err(RecoveryError::Failed(format!("{why}; transferring again failed: {e}")));
+                    }
+                }
+            }
             Outcome::Cut { next, why } => {
                 if resumed >= opts.retries {
                     break Err(RecoveryError::Failed(format!(
@@ -310,6 +324,7 @@ pub async fn run(opts: Opts) -> Result<Report, RecoveryError> {
         install_commands_per_s: if done.install.is_zero() { 0.0 } else { done.commands as f64 / secs(done.install) },
         guest_errors: done.guest_errors,
         resumed,
+        replays,
         data_dir: opts.data_dir.as_ref().map(|d| d.display().to_string()),
     })
 }
