@@ -234,11 +234,11 @@ def main():
         names = list(results) + ["original"]
         transfer = [results[n]["transfer_ms"] / 1000 for n in results] + [7.9]
         install = [results[n]["install_ms"] / 1000 for n in results] + [4.3]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], transfer, 0.4, label="transfer")
         ax.bar([x + 0.2 for x in xs], install, 0.4, label="install")
-        ax.set_xticks(list(xs), names)
+        ax.set_xticks(list(xs), [n.replace(" ", "\n", 1) for n in names])
         ax.set_ylabel("seconds")
         ax.set_title("recovery: transfer and install")
         ax.legend()
