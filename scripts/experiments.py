@@ -30,17 +30,27 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-# Named cluster configurations: extra flags given to every host. Add new ones here; a
+# Named cluster configurations, as in the original's experiments: extra flags given to
+# every host, and how many `logger` processes follow the cluster. Add new ones here; a
 # "{run}" in a flag becomes the member's own directory under the run directory, so
-# per-member paths (e.g. "--log-commands", "{run}/commands") stay apart.
+# per-member paths stay apart.
+#   notlog   no command logging
+#   applog   every replica writes each applied entry to its own file (--log-commands),
+#            fsynced before it answers (the original's -logfolder)
+#   logger1  one logger process (a learner) archives every committed entry
+#   logger2  two of them, each on its own ports and directory
 CONFIGS = [
     {"name": "notlog", "host_flags": []},
+    {"name": "applog", "host_flags": ["--log-commands", "{run}/commands"]},
+    {"name": "logger1", "host_flags": [], "loggers": 1},
+    {"name": "logger2", "host_flags": [], "loggers": 2},
 ]
 
 NODES = 3
 ROOT = Path(__file__).resolve().parent.parent
 HOST = ROOT / "target/release/host"
 LOADGEN = ROOT / "target/release/loadgen"
+LOGGER = ROOT / "target/release/logger"
 WASM_DIR = ROOT / "target/wasm32-wasip2/release"
 START_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 15
@@ -83,6 +93,14 @@ def text_addr(i):
     return f"127.0.0.1:{15000 + i - 1}"
 
 
+def logger_raft_addr(k):
+    return f"127.0.0.1:{12100 + k}"
+
+
+def logger_admin_addr(k):
+    return f"127.0.0.1:{14000 + k}"
+
+
 def port_in_use(addr):
     host, port = addr.rsplit(":", 1)
     with socket.socket() as s:
@@ -90,12 +108,16 @@ def port_in_use(addr):
         return s.connect_ex((host, int(port))) == 0
 
 
-def status(i):
+def get_json(addr, path="/status"):
     try:
-        with urllib.request.urlopen(f"http://{admin_addr(i)}/status", timeout=2) as r:
+        with urllib.request.urlopen(f"http://{addr}{path}", timeout=2) as r:
             return json.load(r)
     except (OSError, ValueError):
         return None
+
+
+def status(i):
+    return get_json(admin_addr(i))
 
 
 def cpu_seconds(pid):
@@ -107,11 +129,13 @@ def cpu_seconds(pid):
 
 
 class Cluster:
-    def __init__(self, directory, wasm, flags):
+    def __init__(self, directory, wasm, flags, loggers=0):
         self.dir = directory
         self.wasm = wasm
         self.flags = flags
+        self.loggers = loggers
         self.procs = {}
+        self.logger_procs = {}
 
     def node_dir(self, i):
         return self.dir / f"node-{i}"
@@ -135,25 +159,54 @@ class Cluster:
         )
         log.close()
 
+    def logger_dir(self, k):
+        return self.dir / f"logger-{k}"
+
+    def _spawn_logger(self, k):
+        """Logger k follows the cluster as `log<k>`, on its own ports and directory."""
+        cmd = [
+            str(LOGGER), "--id", f"log{k}", "--raft-addr", logger_raft_addr(k),
+            "--join", admin_addr(1), "--dir", str(self.logger_dir(k)),
+            "--admin-addr", logger_admin_addr(k),
+        ]
+        log = open(self.dir / f"logger-{k}.log", "ab")
+        self.logger_procs[k] = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def logger_lags(self):
+        """Each logger's lag (committed entries not archived yet), as it reports it."""
+        lags = {}
+        for k in self.logger_procs:
+            s = get_json(logger_admin_addr(k)) or {}
+            for c in s.get("clusters", []):
+                lags[f"log{k}"] = c.get("lag")
+        return lags
+
     def _wait(self, why, check):
         deadline = time.monotonic() + START_TIMEOUT_S
         while not check():
-            for i, p in self.procs.items():
+            for i, p in list(self.procs.items()) + list(self.logger_procs.items()):
                 if p.poll() is not None:
+                    what = "node" if self.procs.get(i) is p else "logger"
                     raise RuntimeError(
-                        f"node {i} exited ({p.returncode}) while waiting for {why}; "
-                        f"see {self.dir / f'node-{i}.log'}")
+                        f"{what} {i} exited ({p.returncode}) while waiting for {why}; "
+                        f"see {self.dir / f'{what}-{i}.log'}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {START_TIMEOUT_S}s waiting for {why}")
             time.sleep(0.2)
 
     def start(self):
         # Fixed ports: another cluster holding them would answer our /status checks.
-        for i in range(1, NODES + 1):
-            for addr in (client_addr(i), raft_addr(i), admin_addr(i), text_addr(i)):
-                if port_in_use(addr):
-                    raise RuntimeError(
-                        f"{addr} is in use (another cluster? scripts/cluster.sh stop)")
+        addrs = [a for i in range(1, NODES + 1)
+                 for a in (client_addr(i), raft_addr(i), admin_addr(i), text_addr(i))]
+        addrs += [a for k in range(self.loggers)
+                  for a in (logger_raft_addr(k), logger_admin_addr(k))]
+        for addr in addrs:
+            if port_in_use(addr):
+                raise RuntimeError(f"{addr} is in use (another cluster? scripts/cluster.sh stop)")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._spawn(1, [])
         self._wait("node 1 to become leader",
@@ -162,12 +215,22 @@ class Cluster:
             self._spawn(i, ["--join", admin_addr(1)])
         self._wait(f"{NODES} voters", lambda: sum(
             1 for m in (status(1) or {}).get("members", []) if m.get("voter")) == NODES)
+        # Loggers after the members, as an operator would attach them.
+        for k in range(self.loggers):
+            self._spawn_logger(k)
+        if self.loggers:
+            self._wait(f"{self.loggers} logger(s) to be members", lambda: sum(
+                1 for m in (status(1) or {}).get("members", [])
+                if m.get("role") == "logger") == self.loggers)
 
     def cpu_total(self):
-        return sum(cpu_seconds(p.pid) for p in self.procs.values())
+        """Server CPU: the members' and the loggers' (logging is part of the cost)."""
+        procs = list(self.procs.values()) + list(self.logger_procs.values())
+        return sum(cpu_seconds(p.pid) for p in procs)
 
     def stop(self):
-        live = [p for p in self.procs.values() if p.poll() is None]
+        procs = list(self.procs.values()) + list(self.logger_procs.values())
+        live = [p for p in procs if p.poll() is None]
         for p in live:
             p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -209,7 +272,9 @@ def run_loadgen(cluster, args, clients, value_size, get_ratio, series):
     summary = json.loads(line)
     ops = summary.get("ops", 0)
     cpu_us = (cpu1 - cpu0) * 1e6
+    lags = cluster.logger_lags()
     return summary, {
+        "logger_lag_at_end": lags,
         "cpu_s": round(cpu1 - cpu0, 3),
         "cpu_us_per_op": round(cpu_us / ops, 1) if ops else "",
         "t_start_ms": int(t0 * 1000),
@@ -227,8 +292,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", type=parse_list(str), default=names,
                     help=f"comma-separated, of {','.join(names)} (default: all)")
-    ap.add_argument("--guests", type=parse_list(str), default=["kvstore", "diskstorage"],
-                    help="default kvstore,diskstorage")
+    ap.add_argument("--guests", type=parse_list(str),
+                    help="default kvstore,diskstorage (--quick: kvstore)")
     ap.add_argument("--clients", type=parse_list(int), help="default 1,8,32")
     ap.add_argument("--value-sizes", type=parse_list(int), help="default 1024")
     ap.add_argument("--get-ratios", type=parse_list(float), help="default 0.0,0.5")
@@ -241,7 +306,7 @@ def main():
     ap.add_argument("--out", type=Path, default=None,
                     help="run directory (default run/experiments/<UTC timestamp>)")
     ap.add_argument("--quick", action="store_true",
-                    help="clients 1,8; value size 1024; get ratio 0.5; 3 s runs")
+                    help="guest kvstore; clients 1,8; value size 1024; get ratio 0.5; 3 s runs")
     ap.add_argument("--loadgen-flag", action="append", default=[], metavar="FLAG",
                     help="extra loadgen flag, repeatable (e.g. --loadgen-flag=--connections "
                          "--loadgen-flag=8)")
@@ -252,10 +317,11 @@ def main():
                     help="keep the members' data directories afterwards")
     args = ap.parse_args()
     # --quick changes only what was not given explicitly.
-    defaults = ({"clients": [1, 8], "value_sizes": [1024], "get_ratios": [0.5], "duration": 3.0}
+    defaults = ({"guests": ["kvstore"], "clients": [1, 8], "value_sizes": [1024],
+                 "get_ratios": [0.5], "duration": 3.0}
                 if args.quick else
-                {"clients": [1, 8, 32], "value_sizes": [1024], "get_ratios": [0.0, 0.5],
-                 "duration": 5.0})
+                {"guests": ["kvstore", "diskstorage"], "clients": [1, 8, 32],
+                 "value_sizes": [1024], "get_ratios": [0.0, 0.5], "duration": 5.0})
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -268,7 +334,8 @@ def main():
     for g in args.guests:
         if not (WASM_DIR / f"{g}.wasm").is_file():
             ap.error(f"{WASM_DIR / f'{g}.wasm'} not found: run scripts/build.sh")
-    for exe in (HOST, LOADGEN):
+    exes = [HOST, LOADGEN] + ([LOGGER] if any(by_name[c].get("loggers") for c in args.configs) else [])
+    for exe in exes:
         if not exe.is_file():
             ap.error(f"{exe} not found: run scripts/build.sh")
 
@@ -281,7 +348,7 @@ def main():
                 clusters.append((by_name[c], g, vs_group))
     cells = len(args.clients) * len(args.get_ratios)
     n_runs = sum(len(vs) * cells for _, _, vs in clusters)
-    est = n_runs * (args.duration + args.pause + 0.5) + len(clusters) * 6
+    est = n_runs * (args.duration + args.pause + 0.5) + len(clusters) * 8
     print(f"{n_runs} runs on {len(clusters)} clusters, about {est / 60:.1f} min "
           f"({args.duration:g}s each)", flush=True)
 
@@ -309,8 +376,10 @@ def main():
             flags = list(config["host_flags"]) + args.host_flag
             for kv in guest_config(guest, vs_group[0], args.keys):
                 flags += ["--fsm-config", kv]
-            cluster = Cluster(cdir, WASM_DIR / f"{guest}.wasm", flags)
-            print(f"== {name}: starting {NODES} members", flush=True)
+            cluster = Cluster(cdir, WASM_DIR / f"{guest}.wasm", flags, config.get("loggers", 0))
+            loggers = config.get("loggers", 0)
+            print(f"== {name}: starting {NODES} members"
+                  + (f" and {loggers} logger(s)" if loggers else ""), flush=True)
             try:
                 cluster.start()
                 for vs in vs_group:
@@ -357,6 +426,8 @@ def main():
                 if not args.keep_data:
                     for i in range(1, NODES + 1):
                         shutil.rmtree(cluster.node_dir(i), ignore_errors=True)
+                    for k in range(cluster.loggers):
+                        shutil.rmtree(cluster.logger_dir(k), ignore_errors=True)
     print(f"wrote {results_path}" + (f" ({failed} failures)" if failed else ""))
     return 1 if failed else 0
 

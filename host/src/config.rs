@@ -6,7 +6,13 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "host", version, about = "Raft node running a WebAssembly state-machine guest")]
+#[command(
+    name = "host",
+    version,
+    about = "Raft node running a WebAssembly state-machine guest",
+    after_help = "Check a guest before it reaches a cluster: host check --fsm GUEST.wasm --commands FILE \
+                  (host check --help)"
+)]
 pub struct Opts {
     /// The guest component (.wasm) implementing wit/fsm.wit.
     #[arg(long, env = "HOST_FSM")]
@@ -142,12 +148,18 @@ pub struct Opts {
     #[arg(long, env = "HOST_CLIENT_REQUEST_BUDGET_MB", default_value_t = crate::api::DEFAULT_REQUEST_BUDGET >> 20)]
     pub client_request_budget_mb: usize,
 
+    /// Application-level command log: every applied entry is also written to
+    /// `<DIR>/<id>.log` (the logger's archive format, `logger inspect` reads it) and
+    /// fsynced before its result is answered. Off unless given.
+    #[arg(long, env = "HOST_LOG_COMMANDS", value_name = "DIR")]
+    pub log_commands: Option<PathBuf>,
+
     /// Do not fsync the log. Only for experiments: a crash can lose acknowledged writes.
     #[arg(long, env = "HOST_NO_FSYNC")]
     pub no_fsync: bool,
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),

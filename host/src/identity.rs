@@ -78,61 +78,105 @@ impl GuestLimits {
 
 const FILE_NAME: &str = "node.json";
 
+/// Why an identity check failed: the data dir's `node.json`, or a peer's hello.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// `node.json` cannot be read, parsed or written.
+    #[error("{0}")]
+    File(String),
+    /// The data dir belongs to another node, guest, settings or limits, or its cluster is
+    /// unknown: starting on it would make this process a different member.
+    #[error("{0}")]
+    DataDir(String),
+    #[error(
+        "protocol version mismatch: node {from} speaks version {theirs}, node {node} speaks version \
+         {PROTOCOL_VERSION} (members must run the same release)"
+    )]
+    Version { from: NodeId, theirs: u32, node: NodeId },
+    #[error("cluster id mismatch: node {from} belongs to cluster {theirs}, node {node} to cluster {ours}")]
+    OtherCluster { from: NodeId, theirs: String, node: NodeId, ours: String },
+    /// The hello reached, or came from, another member than the one meant.
+    #[error("wrong member: {0}")]
+    WrongMember(String),
+    #[error("node {0} has not been admitted to a cluster yet")]
+    NotAdmitted(NodeId),
+    #[error("this member belongs to cluster {bound}, not {asked}")]
+    Rebind { bound: String, asked: String },
+}
+
 /// `node.json` of `dir`, if there is one.
-pub fn read(dir: &Path) -> Result<Option<NodeFile>, String> {
+pub fn read(dir: &Path) -> Result<Option<NodeFile>, IdentityError> {
     let path = dir.join(FILE_NAME);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let file: NodeFile =
-                serde_json::from_slice(&bytes).map_err(|e| format!("{}: unreadable: {e}", path.display()))?;
+            let file: NodeFile = serde_json::from_slice(&bytes)
+                .map_err(|e| file_error(format!("{}: unreadable: {e}", path.display())))?;
             for (what, v) in [("cluster_id", &file.cluster_id), ("member_uid", &file.member_uid)] {
                 if let Some(v) = v.as_deref().filter(|v| !is_id(v)) {
-                    return Err(format!("{}: {what} {v:?} is not 32 hex digits", path.display()));
+                    return Err(file_error(format!("{}: {what} {v:?} is not 32 hex digits", path.display())));
                 }
             }
             Ok(Some(file))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => Err(file_error(format!("cannot read {}: {e}", path.display()))),
     }
 }
 
 /// Replaces `node.json` of `dir` durably (creating `dir` if needed).
-pub fn write(dir: &Path, file: &NodeFile) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+pub fn write(dir: &Path, file: &NodeFile) -> Result<(), IdentityError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_error(format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join(FILE_NAME);
-    let json = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
-    crate::store::files::write_file_durably(&path, &json).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    let json = serde_json::to_vec_pretty(file).map_err(|e| file_error(e.to_string()))?;
+    crate::store::files::write_file_durably(&path, &json)
+        .map_err(|e| file_error(format!("cannot write {}: {e}", path.display())))
+}
+
+fn file_error(why: String) -> IdentityError {
+    IdentityError::File(why)
+}
+
+/// Binds a member to the cluster that accepted its join, durably (`node.json` with the
+/// cluster id), then in memory: a joiner does this before it asks to be added, so before
+/// any entry reaches it.
+pub fn bind(dir: &Path, file: &NodeFile, me: &Identity, cluster: &str) -> Result<(), IdentityError> {
+    write(dir, &NodeFile { cluster_id: Some(cluster.to_string()), member_uid: Some(me.uid.clone()), ..file.clone() })?;
+    me.set_cluster(cluster)
 }
 
 /// Refuses a data dir made for another node id, guest or guest settings: started on it, the
 /// process would silently become a different member.
-pub fn check_same_node(dir: &Path, found: &NodeFile, ours: &NodeFile) -> Result<(), String> {
+pub fn check_same_node(dir: &Path, found: &NodeFile, ours: &NodeFile) -> Result<(), IdentityError> {
     if found.id != ours.id {
-        return Err(format!("{} belongs to node {}, not node {}", dir.display(), found.id, ours.id));
+        return Err(IdentityError::DataDir(format!(
+            "{} belongs to node {}, not node {}",
+            dir.display(),
+            found.id,
+            ours.id
+        )));
     }
     if found.fsm_sha256 != ours.fsm_sha256 {
-        return Err(format!(
+        return Err(IdentityError::DataDir(format!(
             "{} holds state of guest sha256 {}; --fsm is sha256 {} (a member cannot change its guest)",
             dir.display(),
             found.fsm_sha256,
             ours.fsm_sha256
-        ));
+        )));
     }
     if found.fsm_config_sha256 != ours.fsm_config_sha256 {
-        return Err(format!(
+        return Err(IdentityError::DataDir(format!(
             "{} was created with other --fsm-config settings; a member cannot change them",
             dir.display()
-        ));
+        )));
     }
     match (&found.limits, &ours.limits) {
         (Some(theirs), Some(ours)) => {
             if let Some(why) = GuestLimits::differ(theirs, ours, "this data dir's", "this start's") {
-                return Err(format!(
+                return Err(IdentityError::DataDir(format!(
                     "{}: {why}; the guest limits decide where a command stops a member, so every member \
                      keeps the ones the cluster was started with (start with the recorded values)",
                     dir.display()
-                ));
+                )));
             }
         }
         // Written before the limits were pinned: `resolve` has the file rewritten with
@@ -182,18 +226,18 @@ pub struct Resolved {
 /// with the guest limits, if it predates them too); a
 /// file without a cluster id over an empty log binds the dir to nothing (it was written
 /// before the start that would have bootstrapped or joined got that far).
-pub fn resolve(found: Option<&NodeFile>, has_log: bool, dir: &Path) -> Result<Resolved, String> {
+pub fn resolve(found: Option<&NodeFile>, has_log: bool, dir: &Path) -> Result<Resolved, IdentityError> {
     match found {
         Some(f) if f.cluster_id.is_some() || has_log => Ok(Resolved {
             cluster_id: Some(f.cluster_id.clone().unwrap_or_else(|| LEGACY_CLUSTER_ID.to_string())),
             member_uid: f.member_uid.clone().unwrap_or_else(random_id),
             rewrite: f.cluster_id.is_none() || f.member_uid.is_none() || f.limits.is_none(),
         }),
-        Some(_) | None if has_log => Err(format!(
+        Some(_) | None if has_log => Err(IdentityError::DataDir(format!(
             "{} holds a Raft log but no {FILE_NAME}: which cluster it belongs to is unknown, so it cannot \
              start; restore {FILE_NAME} or start over on an empty data dir",
             dir.display()
-        )),
+        ))),
         _ => Ok(Resolved { cluster_id: None, member_uid: random_id(), rewrite: false }),
     }
 }
@@ -247,17 +291,17 @@ impl Identity {
     }
 
     /// Binds this member to `cluster`; refuses to rebind it to another.
-    pub fn set_cluster(&self, cluster: &str) -> Result<(), String> {
+    pub fn set_cluster(&self, cluster: &str) -> Result<(), IdentityError> {
         let set = self.cluster.get_or_init(|| cluster.to_string());
         if set != cluster {
-            return Err(format!("this member belongs to cluster {set}, not {cluster}"));
+            return Err(IdentityError::Rebind { bound: set.clone(), asked: cluster.to_string() });
         }
         Ok(())
     }
 
     /// Our hello to node `to`, whose uid we believe is `to_uid`.
-    pub fn hello_to(&self, to: NodeId, to_uid: &str) -> Result<Hello, String> {
-        let cluster = self.cluster().ok_or_else(|| self.not_admitted())?;
+    pub fn hello_to(&self, to: NodeId, to_uid: &str) -> Result<Hello, IdentityError> {
+        let cluster = self.cluster().ok_or(IdentityError::NotAdmitted(self.node))?;
         Ok(Hello {
             version: PROTOCOL_VERSION,
             cluster_id: cluster.to_string(),
@@ -268,43 +312,40 @@ impl Identity {
         })
     }
 
-    fn not_admitted(&self) -> String {
-        format!("node {} has not been admitted to a cluster yet", self.node)
-    }
-
     /// Checks a hello addressed to us; with `expected`, also that it comes from that node
     /// and uid (an answer to our own hello: the address reached the member we meant).
-    pub fn admit(&self, h: &Hello, expected: Option<(NodeId, &str)>) -> Result<(), String> {
+    pub fn admit(&self, h: &Hello, expected: Option<(NodeId, &str)>) -> Result<(), IdentityError> {
         if h.version != PROTOCOL_VERSION {
-            return Err(format!(
-                "protocol version mismatch: node {} speaks version {}, node {} speaks version {PROTOCOL_VERSION} \
-                 (members must run the same release)",
-                h.from, h.version, self.node
-            ));
+            return Err(IdentityError::Version { from: h.from, theirs: h.version, node: self.node });
         }
-        let ours = self.cluster().ok_or_else(|| self.not_admitted())?;
+        let ours = self.cluster().ok_or(IdentityError::NotAdmitted(self.node))?;
         if h.cluster_id != ours {
-            return Err(format!(
-                "cluster id mismatch: node {} belongs to cluster {}, node {} to cluster {ours}",
-                h.from, h.cluster_id, self.node
-            ));
+            return Err(IdentityError::OtherCluster {
+                from: h.from,
+                theirs: h.cluster_id.clone(),
+                node: self.node,
+                ours: ours.to_string(),
+            });
         }
         if h.to != self.node {
-            return Err(format!("wrong member: node {} meant node {}, this is node {}", h.from, h.to, self.node));
+            return Err(IdentityError::WrongMember(format!(
+                "node {} meant node {}, this is node {}",
+                h.from, h.to, self.node
+            )));
         }
         if !h.to_uid.is_empty() && h.to_uid != self.uid {
-            return Err(format!(
-                "wrong member: node {} meant node {} with member uid {}, this is node {} with member uid {} \
+            return Err(IdentityError::WrongMember(format!(
+                "node {} meant node {} with member uid {}, this is node {} with member uid {} \
                  (another process holds that id or address)",
                 h.from, h.to, h.to_uid, self.node, self.uid
-            ));
+            )));
         }
         if let Some((node, uid)) = expected {
             if h.from != node || (!uid.is_empty() && h.from_uid != uid) {
-                return Err(format!(
-                    "wrong member: expected node {node} with member uid {uid}, reached node {} with member uid {}",
+                return Err(IdentityError::WrongMember(format!(
+                    "expected node {node} with member uid {uid}, reached node {} with member uid {}",
                     h.from, h.from_uid
-                ));
+                )));
             }
         }
         Ok(())
@@ -339,10 +380,10 @@ mod tests {
         assert_eq!(check_same_node(dir.path(), &f, &f), Ok(()));
 
         let other = NodeFile { limits: Some(GuestLimits { fuel_per_entry: 200, ..LIMITS }), ..f.clone() };
-        let e = check_same_node(dir.path(), &f, &other).expect_err("another fuel budget");
+        let e = check_same_node(dir.path(), &f, &other).expect_err("another fuel budget").to_string();
         assert!(e.contains("--fuel-per-entry 100") && e.contains("200") && !e.contains("--guest-memory-mb"), "{e}");
         let other = NodeFile { limits: Some(GuestLimits { guest_memory_mb: 32, ..LIMITS }), ..f.clone() };
-        let e = check_same_node(dir.path(), &f, &other).expect_err("another memory limit");
+        let e = check_same_node(dir.path(), &f, &other).expect_err("another memory limit").to_string();
         assert!(e.contains("--guest-memory-mb 64") && e.contains("32"), "{e}");
 
         // A file from before the limits were pinned: accepted, and rewritten with ours.
@@ -394,9 +435,9 @@ mod tests {
             br#"{"id":3,"fsm_sha256":"aa","fsm_config_sha256":"bb","cluster_id":"nope"}"#,
         )
         .expect("write");
-        assert!(read(dir.path()).expect_err("bad id").contains("cluster_id"));
+        assert!(read(dir.path()).expect_err("bad id").to_string().contains("cluster_id"));
         std::fs::write(dir.path().join(FILE_NAME), b"{").expect("write");
-        assert!(read(dir.path()).expect_err("bad json").contains("unreadable"));
+        assert!(read(dir.path()).expect_err("bad json").to_string().contains("unreadable"));
     }
 
     #[test]
@@ -405,11 +446,14 @@ mod tests {
         let ours = file(None, None);
         assert!(check_same_node(dir, &file(Some(C), Some(U)), &ours).is_ok(), "ids do not matter here");
         let other = NodeFile { id: 4, ..ours.clone() };
-        assert!(check_same_node(dir, &other, &ours).expect_err("id").contains("belongs to node 4"));
+        assert!(check_same_node(dir, &other, &ours).expect_err("id").to_string().contains("belongs to node 4"));
         let other = NodeFile { fsm_sha256: "cc".into(), ..ours.clone() };
-        assert!(check_same_node(dir, &other, &ours).expect_err("guest").contains("cannot change its guest"));
+        assert!(check_same_node(dir, &other, &ours)
+            .expect_err("guest")
+            .to_string()
+            .contains("cannot change its guest"));
         let other = NodeFile { fsm_config_sha256: "cc".into(), ..ours.clone() };
-        assert!(check_same_node(dir, &other, &ours).expect_err("settings").contains("--fsm-config"));
+        assert!(check_same_node(dir, &other, &ours).expect_err("settings").to_string().contains("--fsm-config"));
     }
 
     #[test]
@@ -434,7 +478,7 @@ mod tests {
         assert!(is_id(&r.member_uid) && r.member_uid != LEGACY_CLUSTER_ID);
         assert!(r.rewrite);
         // A log nobody can place.
-        assert!(resolve(None, true, dir).expect_err("no file").contains("no node.json"));
+        assert!(resolve(None, true, dir).expect_err("no file").to_string().contains("no node.json"));
     }
 
     #[test]
@@ -459,24 +503,24 @@ mod tests {
 
         // A member that started over bootstrapped a cluster of its own, on the same id.
         let impostor = Identity::new(2, random_id(), Some(random_id()));
-        let e = impostor.admit(&hello(&a, &b), None).expect_err("other cluster");
+        let e = impostor.admit(&hello(&a, &b), None).expect_err("other cluster").to_string();
         assert!(e.contains("cluster id mismatch") && e.contains(C), "{e}");
-        let e = a.admit(&hello(&impostor, &a), Some((2, &b.uid))).expect_err("other cluster");
+        let e = a.admit(&hello(&impostor, &a), Some((2, &b.uid))).expect_err("other cluster").to_string();
         assert!(e.contains("cluster id mismatch"), "{e}");
 
         // Same cluster, another process holding node 2's address or id.
         let other = Identity::new(2, random_id(), Some(C.into()));
-        let e = other.admit(&hello(&a, &b), None).expect_err("other uid");
+        let e = other.admit(&hello(&a, &b), None).expect_err("other uid").to_string();
         assert!(e.contains(&b.uid) && e.contains(&other.uid), "{e}");
-        let e = a.admit(&hello(&other, &a), Some((2, &b.uid))).expect_err("other uid");
+        let e = a.admit(&hello(&other, &a), Some((2, &b.uid))).expect_err("other uid").to_string();
         assert!(e.contains("wrong member"), "{e}");
         let three = Identity::new(3, random_id(), Some(C.into()));
-        let e = three.admit(&hello(&a, &b), None).expect_err("other node");
+        let e = three.admit(&hello(&a, &b), None).expect_err("other node").to_string();
         assert!(e.contains("meant node 2, this is node 3"), "{e}");
 
         let mut old = hello(&a, &b);
         old.version = 0;
-        assert!(b.admit(&old, None).expect_err("version").contains("protocol version mismatch"));
+        assert!(b.admit(&old, None).expect_err("version").to_string().contains("protocol version mismatch"));
 
         // Not yet admitted: neither says hello nor listens to one.
         let joiner = Identity::new(4, random_id(), None);

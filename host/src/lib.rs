@@ -20,16 +20,21 @@
 //! - [`profiling`]: `--cpuprofile`, `--memprofile`; [`backoff`]: pauses between retries.
 //! - [`checkpoint`], [`lease`]: divergence detection; the leader lease and vote hold.
 //! - [`monitor`]: `--monitor FILE`, resource samples once a second.
+//! - [`check`]: `host check`, a guest checked against `wit/fsm.wit` in-process.
+//! - [`daemon`]: what `host` and `logger` share around their work: logs, runtime, signals,
+//!   exit codes.
 //! - [`archive`]: the command archive format (loggers, `--log-commands`, recovery streams).
 
 pub mod admin;
 pub mod api;
 pub mod archive;
 pub mod backoff;
+pub mod check;
 pub mod checkpoint;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod daemon;
 pub mod fsm;
 pub mod http_client;
 pub mod identity;

@@ -4,7 +4,7 @@
 //! at a time: request frame, response frame. A client keeps its connection for its whole
 //! life and re-dials after any failure. openraft 0.9 also makes a short-lived client for
 //! every leadership check (each linearizable read round) and election, so connections are
-//! returned to a per-address pool when a client is dropped: without it every read round
+//! returned to a per-member pool when a client is dropped: without it every read round
 //! cost a TCP connect, a hello and an accept per follower.
 //! The first frame proves membership when a cluster token is set, and names the cluster
 //! and the members at both ends (see `identity`): a member of another cluster, or another
@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{MAX_BATCH_BYTES, MAX_BATCH_COMMANDS};
 use crate::codec::{read_frame, read_frame_within, write_frame, FrameError, Timeouts};
-use crate::identity::{Hello, Identity};
+use crate::identity::{Hello, Identity, IdentityError};
 use crate::lease::Lease;
 use crate::proto::{PeerHello, PeerKind, PeerRequest, PeerResponse};
 use crate::store::Durable;
@@ -55,8 +55,13 @@ impl Network {
     }
 }
 
-/// Idle, hello'd connections by peer address.
-type Pool = Arc<Mutex<HashMap<String, Vec<BufStream<TcpStream>>>>>;
+/// Idle, hello'd connections by the member they were opened to: node id, member uid and
+/// address. A hello proves the process at the far end is that member; keyed by address
+/// alone, a connection to a removed member would be handed to whoever replaced it at the
+/// same address (or a member that moved would get another's connection), skipping that
+/// check.
+type PoolKey = (NodeId, String, String);
+type Pool = Arc<Mutex<HashMap<PoolKey, Vec<BufStream<TcpStream>>>>>;
 
 /// Idle connections kept per peer: enough for the replication stream plus a few
 /// concurrent leadership checks; more are closed.
@@ -147,7 +152,7 @@ impl Drop for PeerClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take().filter(|_| !self.in_call) {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let list = idle.entry(self.addr.clone()).or_default();
+            let list = idle.entry(self.pool_key()).or_default();
             if list.len() < MAX_IDLE_PER_PEER {
                 list.push(conn);
             }
@@ -169,9 +174,14 @@ enum Transport {
 }
 
 impl PeerClient {
+    fn pool_key(&self) -> PoolKey {
+        (self.target, self.target_uid.clone(), self.addr.clone())
+    }
+
     async fn connect(&mut self) -> Result<&mut BufStream<TcpStream>, Transport> {
         if self.conn.is_none() {
-            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.addr).and_then(Vec::pop);
+            let key = self.pool_key();
+            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key).and_then(Vec::pop);
             self.reused = pooled.is_some();
             self.conn = pooled;
         }
@@ -181,7 +191,8 @@ impl PeerClient {
                 .map_err(|e| Transport::Unreachable(format!("connect {}: {e}", self.addr)))?;
             let _ = stream.set_nodelay(true);
             let mut stream = BufStream::new(stream);
-            let hello = self.me.hello_to(self.target, &self.target_uid).map_err(Transport::Unreachable)?;
+            let hello =
+                self.me.hello_to(self.target, &self.target_uid).map_err(|e| Transport::Unreachable(e.to_string()))?;
             let hello = PeerHello { token: self.token.clone(), ..to_proto(&hello) };
             let req =
                 PeerRequest { kind: PeerKind::Hello as i32, payload: prost::Message::encode_to_vec(&hello).into() };
@@ -194,7 +205,9 @@ impl PeerClient {
             let answer = if resp.refused.is_empty() {
                 <PeerHello as prost::Message>::decode(resp.payload.as_slice())
                     .map_err(|e| format!("malformed answer to our hello: {e}"))
-                    .and_then(|h| self.me.admit(&from_proto(&h), Some((self.target, &self.target_uid))))
+                    .and_then(|h| {
+                        self.me.admit(&from_proto(&h), Some((self.target, &self.target_uid))).map_err(|e| e.to_string())
+                    })
                     .map_err(|why| format!("refused {} at {}: {why}", self.target, self.addr))
             } else {
                 Err(format!("node {} at {} refused us: {}", self.target, self.addr, resp.refused))
@@ -477,19 +490,31 @@ fn from_proto(h: &PeerHello) -> Hello {
     }
 }
 
+/// Why a peer's first frame is refused (sent back to it as text, and logged).
+#[derive(Debug, thiserror::Error)]
+enum HelloRefused {
+    #[error("expected a hello frame first")]
+    NotAHello,
+    #[error("malformed hello: {0}")]
+    Malformed(#[from] prost::DecodeError),
+    #[error("wrong cluster token")]
+    Token,
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
 /// The answer to a peer's hello: ours, addressed to it, or why it is refused.
-fn answer_hello(req: &PeerRequest, token: &str, me: &Identity) -> Result<PeerHello, String> {
+fn answer_hello(req: &PeerRequest, token: &str, me: &Identity) -> Result<PeerHello, HelloRefused> {
     if req.kind != PeerKind::Hello as i32 {
-        return Err("expected a hello frame first".into());
+        return Err(HelloRefused::NotAHello);
     }
-    let hello =
-        <PeerHello as prost::Message>::decode(req.payload.as_ref()).map_err(|e| format!("malformed hello: {e}"))?;
+    let hello = <PeerHello as prost::Message>::decode(req.payload.as_ref())?;
     if !same_secret(hello.token.as_bytes(), token.as_bytes()) {
-        return Err("wrong cluster token".into());
+        return Err(HelloRefused::Token);
     }
     let theirs = from_proto(&hello);
     me.admit(&theirs, None)?;
-    me.hello_to(theirs.from, &theirs.from_uid).map(|h| to_proto(&h))
+    Ok(to_proto(&me.hello_to(theirs.from, &theirs.from_uid)?))
 }
 
 async fn serve_conn(
@@ -509,7 +534,7 @@ async fn serve_conn(
             if REFUSED_PEERS.ready() {
                 tracing::warn!(%refused, ?peer, "refused a peer connection (further refusals for 10 s are not logged)");
             }
-            write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused }).await?;
+            write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused: refused.to_string() }).await?;
             return Ok(());
         }
     };
@@ -571,7 +596,13 @@ mod tests {
                     let mut stream = BufStream::new(stream);
                     let mut buf = Vec::new();
                     let hello: PeerRequest = read_frame(&mut stream, HELLO_MAX_FRAME, &mut buf).await?;
-                    let ours = answer_hello(&hello, "", &identity(2)).expect("hello from node 1");
+                    let ours = match answer_hello(&hello, "", &identity(2)) {
+                        Ok(ours) => ours,
+                        Err(refused) => {
+                            let refused = refused.to_string();
+                            return write_frame(&mut stream, &PeerResponse { payload: Vec::new(), refused }).await;
+                        }
+                    };
                     let payload = prost::Message::encode_to_vec(&ours);
                     write_frame(&mut stream, &PeerResponse { payload, refused: String::new() }).await?;
                     let mut first_req = true;
@@ -620,7 +651,7 @@ mod tests {
         assert_eq!((answer.from, answer.to, answer.token.as_str()), (2, 1, ""), "addressed back, no token");
         assert_eq!(one.admit(&from_proto(&answer), Some((2, &two.uid))), Ok(()));
 
-        let refused = |req: &PeerRequest, me: &Identity| answer_hello(req, "t", me).expect_err("refused");
+        let refused = |req: &PeerRequest, me: &Identity| answer_hello(req, "t", me).expect_err("refused").to_string();
         assert!(refused(&hello_request(&one, &two, "x"), &two).contains("token"));
         let impostor = Identity::new(2, two.uid.clone(), Some(crate::identity::random_id()));
         assert!(refused(&hello_request(&one, &two, "t"), &impostor).contains("cluster id mismatch"));
@@ -657,6 +688,33 @@ mod tests {
         let resp = client.vote(vote(3), option).await.expect("vote on the pooled connection");
         assert_eq!(resp.vote, Vote::new(3, 1));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection for a pooled one");
+    }
+
+    /// A member replaced at the same address (another uid) must get its own hello: a
+    /// connection pooled for the old member proves nothing about the new one.
+    #[tokio::test]
+    async fn a_pooled_connection_is_never_lent_to_another_member_at_the_same_address() {
+        let (addr, accepted) = peer().await;
+        let lease = Arc::new(Lease::new(Duration::from_secs(1), Duration::ZERO));
+        let mut network = Network::new(Arc::new(identity(1)), String::new(), lease, Durable::new(None));
+        let option = RPCOption::new(Duration::from_secs(5));
+        let old = Member { raft_addr: addr.clone(), uid: identity(2).uid, ..Default::default() };
+        // The peer's first request on its first connection is answered late: spend it.
+        let mut client = network.new_client(2, &old).await;
+        let _ = tokio::time::timeout(GIVE_UP, client.vote(vote(1), option.clone())).await;
+        drop(client);
+        let mut client = network.new_client(2, &old).await;
+        client.vote(vote(2), option.clone()).await.expect("vote to the member on record");
+        drop(client);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The process at that address is still the old member: asked for another uid, it
+        // is refused on a new connection rather than reached through the pooled one.
+        let replaced = Member { raft_addr: addr, uid: "f".repeat(32), ..Default::default() };
+        let mut client = network.new_client(2, &replaced).await;
+        let err = client.vote(vote(3), option).await.expect_err("the old member is not the new one");
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection and hello for the new member");
     }
 
     /// openraft times out a call by dropping its future (before our own timeout of the same

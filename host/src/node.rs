@@ -26,6 +26,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::net::{self, Network};
 use crate::profiling::{ProfileError, Profiles};
+use crate::store::command_log::CommandLog;
 use crate::store::{GuestSpec, LogStore, StateMachine};
 use crate::types::{Member, Raft};
 
@@ -37,6 +38,9 @@ pub enum StartError {
     Guest(#[from] LoadError),
     #[error("{0}")]
     Input(String),
+    /// `node.json` unreadable, or made for another node, guest or cluster.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Profile(#[from] ProfileError),
     #[error(transparent)]
@@ -57,10 +61,14 @@ pub enum StartError {
     RaftStopped(String),
 }
 
-impl StartError {
-    pub fn exit_code(&self) -> i32 {
+impl crate::daemon::ExitCode for StartError {
+    fn exit_code(&self) -> i32 {
         match self {
-            StartError::Guest(_) | StartError::Input(_) | StartError::Profile(_) | StartError::Join(_) => 2,
+            StartError::Guest(_)
+            | StartError::Input(_)
+            | StartError::Identity(_)
+            | StartError::Profile(_)
+            | StartError::Join(_) => 2,
             StartError::Storage(_) | StartError::Raft(_) | StartError::RaftStopped(_) => 1,
             // Done as asked: a supervisor that restarts only on failure leaves it stopped.
             StartError::Removed(_) => 0,
@@ -117,6 +125,14 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         metrics.clone(),
     )
     .map_err(|e| StartError::Input(format!("{e:#}")))?;
+    let sm = match &opts.log_commands {
+        Some(dir) => {
+            let commands =
+                CommandLog::open(dir, opts.id, !opts.no_fsync).map_err(|e| StartError::Input(e.to_string()))?;
+            sm.with_command_log(commands).map_err(|e| StartError::Input(format!("--log-commands: {e:#}")))?
+        }
+        None => sm,
+    };
 
     let config = raft_config(&opts)?;
     let lease = Arc::new(Lease::for_timeouts(
@@ -242,9 +258,9 @@ impl Inputs {
             )));
         }
         opts.check_advertised().map_err(StartError::Input)?;
-        let found = identity::read(&data_dir).map_err(StartError::Input)?;
+        let found = identity::read(&data_dir)?;
         if let Some(f) = &found {
-            identity::check_same_node(&data_dir, f, &node_file).map_err(StartError::Input)?;
+            identity::check_same_node(&data_dir, f, &node_file)?;
         }
         Ok(Inputs { token, module, data_dir, node_file, found })
     }
@@ -298,7 +314,7 @@ async fn open_log(opts: &Opts, data_dir: &std::path::Path) -> Result<(LogStore, 
 /// This member's identity: from `node.json`, recorded there if it predates ids, or new.
 fn resolve_identity(opts: &Opts, inputs: &Inputs, has_log: bool) -> Result<Arc<Identity>, StartError> {
     let data_dir = &inputs.data_dir;
-    let resolved = identity::resolve(inputs.found.as_ref(), has_log, data_dir).map_err(StartError::Input)?;
+    let resolved = identity::resolve(inputs.found.as_ref(), has_log, data_dir)?;
     if resolved.rewrite {
         tracing::info!(cluster = ?resolved.cluster_id, uid = %resolved.member_uid,
             "node.json predates cluster ids, member uids or pinned guest limits; recording them");
@@ -307,7 +323,7 @@ fn resolve_identity(opts: &Opts, inputs: &Inputs, has_log: bool) -> Result<Arc<I
             member_uid: Some(resolved.member_uid.clone()),
             ..inputs.node_file.clone()
         };
-        identity::write(data_dir, &file).map_err(StartError::Input)?;
+        identity::write(data_dir, &file)?;
     }
     if !has_log && opts.join.is_empty() {
         if let Some(cluster) = &resolved.cluster_id {
@@ -368,7 +384,7 @@ async fn force_new_cluster(
     log.save_vote(&openraft::Vote::new(term, opts.id)).await.map_err(|e| storage(&e))?;
     let new_id = identity::random_id();
     let file = NodeFile { cluster_id: Some(new_id.clone()), ..file };
-    identity::write(&inputs.data_dir, &file).map_err(StartError::Input)?;
+    identity::write(&inputs.data_dir, &file)?;
     tracing::warn!(old = %cluster, new = %new_id, term, "forced a new cluster: this member is its only voter; \
         wipe the other members before they join it");
     inputs.found = Some(file);
@@ -434,7 +450,7 @@ async fn bootstrap(opts: &Opts, inputs: &Inputs, me: &Identity, raft: &Raft, mem
         identity::write(&inputs.data_dir, &inputs.bound_to(&cluster, me)).and_then(|()| me.set_cluster(&cluster));
     if let Err(why) = bound {
         raft.shutdown().await.ok();
-        return Err(StartError::Input(why));
+        return Err(why.into());
     }
     raft.initialize(BTreeMap::from([(opts.id, member)])).await.map_err(|e| StartError::Raft(format!("bootstrap: {e}")))
 }
@@ -502,15 +518,7 @@ fn join(
     async move {
         // Binds this member to the cluster that accepted it, durably, before it asks to
         // be added (see `join::JoinRequest`).
-        let bind = |cluster: &str| {
-            let file = NodeFile {
-                cluster_id: Some(cluster.to_string()),
-                member_uid: Some(me.uid.clone()),
-                ..node_file.clone()
-            };
-            identity::write(&dir, &file)?;
-            me.set_cluster(cluster)
-        };
+        let bind = |cluster: &str| identity::bind(&dir, &node_file, &me, cluster);
         match join_cluster(&seeds, req, &token, bind).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(&wants_voter);

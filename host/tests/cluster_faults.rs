@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::ExitStatus;
 
 use common::*;
 
@@ -25,11 +24,6 @@ fn propose(c: &Cluster, command: &str) -> Result<String, String> {
 }
 
 /// Waits for a node that should refuse to run to exit, and returns its status.
-fn wait_exit(node: &mut Node) -> ExitStatus {
-    poll_until(TIMEOUT, || node.exited().ok_or_else(|| "still running".to_string()))
-        .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", node.id, node.log_tail()))
-}
-
 /// What a node logged since it was last (re)started by the test.
 fn log_since_start(node: &Node) -> String {
     let log = std::fs::read_to_string(&node.log_path).unwrap_or_else(|e| panic!("{}: {e}", node.log_path.display()));
@@ -39,7 +33,7 @@ fn log_since_start(node: &Node) -> String {
 /// Waits for a node to stop on its own, checks that it failed saying `why`, and forgets
 /// its process so that the cluster no longer counts it as running.
 fn assert_stops(node: &mut Node, why: &str) {
-    let status = wait_exit(node);
+    let status = node.wait_exit();
     assert!(
         !status.success(),
         "node {} exited cleanly
@@ -56,7 +50,6 @@ fn assert_stops(node: &mut Node, why: &str) {
         node.id,
         node.log_tail()
     );
-    node.kill9();
 }
 
 #[test]
@@ -165,13 +158,13 @@ fn t20_node_with_another_guest_or_settings_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
 
     let mut other = Node::start(2, dir.path(), &guest("faulty"), &[], Some(&join));
-    let status = wait_exit(&mut other);
+    let status = other.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", other.log_tail());
     assert!(other.log_tail().contains("guest module mismatch"), "{}", other.log_tail());
 
     let settings = vec!["--fsm-config".to_string(), "preload-keys=3".to_string()];
     let mut other = Node::start(3, dir.path(), &guest("kvstore"), &settings, Some(&join));
-    let status = wait_exit(&mut other);
+    let status = other.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", other.log_tail());
     assert!(other.log_tail().contains("settings mismatch"), "{}", other.log_tail());
 
@@ -188,7 +181,7 @@ fn t30_cluster_token_keeps_strangers_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = vec!["--cluster-token".to_string(), "guess".to_string()];
     let mut stranger = Node::start(9, dir.path(), &guest("kvstore"), &wrong, Some(&join));
-    let status = wait_exit(&mut stranger);
+    let status = stranger.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", stranger.log_tail());
     assert!(stranger.log_tail().contains("cluster token"), "{}", stranger.log_tail());
     assert_eq!(voter_ids(&c.nodes[0].status()), vec![1, 2]);
@@ -205,7 +198,7 @@ fn t40_data_dir_keeps_its_guest() {
     wait_for(|| try_status(&node.admin_addr).is_ok(), "node 1 to serve /status");
     assert!(node.terminate().success());
     let mut again = Node::start(1, dir.path(), &guest("faulty"), &[], None);
-    let status = wait_exit(&mut again);
+    let status = again.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", again.log_tail());
     assert!(again.log_tail().contains("cannot change its guest"), "{}", again.log_tail());
 }

@@ -10,23 +10,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::ExitStatus;
 
 use common::*;
 use serde_json::Value;
 
 /// Waits for a node that should refuse to run to exit, and forgets its process.
-fn wait_exit(node: &mut Node) -> ExitStatus {
-    let status = poll_until(TIMEOUT, || node.exited().ok_or_else(|| "still running".to_string()))
-        .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", node.id, node.log_tail()));
-    node.kill9();
-    status
-}
-
-fn log_of(node: &Node) -> String {
-    std::fs::read_to_string(&node.log_path).unwrap_or_else(|e| panic!("{}: {e}", node.log_path.display()))
-}
-
 fn cluster_id(status: &Value) -> String {
     field_str(status, "cluster_id").to_string()
 }
@@ -79,7 +67,7 @@ fn t10_a_member_that_lost_its_data_dir_is_refused_by_its_old_cluster() {
 
     // The old cluster's leader still sends to node 1's address, and is turned away there.
     c.wait_until("node 1 to refuse its old cluster's hello", |c| {
-        let log = log_of(&c.nodes[0]);
+        let log = c.nodes[0].log();
         if log.contains("refused a peer connection") && log.contains(&format!("belongs to cluster {id}")) {
             Ok(())
         } else {
@@ -87,7 +75,7 @@ fn t10_a_member_that_lost_its_data_dir_is_refused_by_its_old_cluster() {
         }
     });
     c.wait_until("the old leader to log the refusal", |c| {
-        let leader = originals.iter().copied().find(|&i| log_of(&c.nodes[i]).contains("cluster id mismatch"));
+        let leader = originals.iter().copied().find(|&i| c.nodes[i].log().contains("cluster id mismatch"));
         leader.ok_or_else(|| "not logged yet".to_string())
     });
     set_many(&addrs, 80..120, 4);
@@ -109,7 +97,7 @@ fn t10_a_member_that_lost_its_data_dir_is_refused_by_its_old_cluster() {
     assert!(c.nodes[0].terminate().success(), "{}", c.nodes[0].log_tail());
     let join = c.nodes[1].admin_addr.clone();
     c.nodes[0].restart_joining(&join);
-    let status = wait_exit(&mut c.nodes[0]);
+    let status = c.nodes[0].wait_exit();
     assert_eq!(status.code(), Some(2), "{}", c.nodes[0].log_tail());
     let tail = c.nodes[0].log_tail();
     assert!(
@@ -135,7 +123,7 @@ fn t20_a_process_with_a_live_members_id_cannot_take_its_place() {
     let join = c.running().map(|i| c.nodes[i].admin_addr.clone()).collect::<Vec<_>>().join(",");
     let mut hijacker = Node::start(3, dir.path(), &guest("kvstore"), &[], Some(&join));
     assert_ne!(hijacker.raft_addr, c.nodes[2].raft_addr);
-    let status = wait_exit(&mut hijacker);
+    let status = hijacker.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", hijacker.log_tail());
     let tail = hijacker.log_tail();
     assert!(
@@ -162,7 +150,7 @@ fn t30_a_voter_cannot_rejoin_with_an_empty_log() {
     remove(&c.nodes[2].data_dir);
     let join = c.nodes[0].admin_addr.clone();
     c.nodes[2].restart_joining(&join);
-    let status = wait_exit(&mut c.nodes[2]);
+    let status = c.nodes[2].wait_exit();
     assert_eq!(status.code(), Some(2), "{}", c.nodes[2].log_tail());
     let tail = c.nodes[2].log_tail();
     assert!(tail.contains("is a voter and this process has an empty log") && tail.contains("removed"), "{tail}");
@@ -223,13 +211,13 @@ fn t50_a_member_that_lost_its_log_does_not_bootstrap() {
     remove(&c.nodes[2].data_dir.join("log"));
     remove(&c.nodes[2].data_dir.join("snapshots"));
     c.nodes[2].restart();
-    let status = wait_exit(&mut c.nodes[2]);
+    let status = c.nodes[2].wait_exit();
     assert_eq!(status.code(), Some(2), "{}", c.nodes[2].log_tail());
     assert!(c.nodes[2].log_tail().contains("holds no log"), "{}", c.nodes[2].log_tail());
 
     let join = c.nodes[0].admin_addr.clone();
     c.nodes[2].restart_joining(&join);
-    let status = wait_exit(&mut c.nodes[2]);
+    let status = c.nodes[2].wait_exit();
     assert_eq!(status.code(), Some(2), "{}", c.nodes[2].log_tail());
     assert!(
         c.nodes[2].log_tail().contains("is a voter and this process has an empty log"),

@@ -8,20 +8,7 @@
 
 mod common;
 
-use std::process::ExitStatus;
-
 use common::*;
-
-fn wait_exit(node: &mut Node) -> ExitStatus {
-    let status = poll_until(TIMEOUT, || node.exited().ok_or_else(|| "still running".to_string()))
-        .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", node.id, node.log_tail()));
-    node.kill9();
-    status
-}
-
-fn log_of(node: &Node) -> String {
-    std::fs::read_to_string(&node.log_path).unwrap_or_else(|e| panic!("{}: {e}", node.log_path.display()))
-}
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -50,9 +37,9 @@ fn t10_a_restart_with_another_fuel_budget_is_refused() {
     assert!(node.terminate().success());
 
     let mut other = Node::start(1, dir.path(), &fsm, &args(&["--fuel-per-entry", "60000000"]), None);
-    let status = wait_exit(&mut other);
+    let status = other.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", other.log_tail());
-    let log = log_of(&other);
+    let log = other.log();
     assert!(log.contains("--fuel-per-entry 50000000") && log.contains("60000000"), "{}", other.log_tail());
 
     let mut same = Node::start(1, dir.path(), &fsm, &args(&["--fuel-per-entry", "50000000"]), None);
@@ -72,9 +59,9 @@ fn t20_a_joiner_with_another_memory_limit_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fsm = guest("kvstore");
     let mut joiner = Node::start(2, dir.path(), &fsm, &args(&["--guest-memory-mb", "512"]), Some(&join));
-    let status = wait_exit(&mut joiner);
+    let status = joiner.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", joiner.log_tail());
-    let log = log_of(&joiner);
+    let log = joiner.log();
     assert!(
         log.contains("guest limits mismatch") && log.contains("--guest-memory-mb 512 (node 2's) differs from 4096"),
         "{}",
@@ -105,7 +92,7 @@ fn t30_an_old_node_json_adopts_the_current_limits_once() {
 
     let mut node = Node::start(1, dir.path(), &fsm, &args(&["--guest-memory-mb", "1024"]), None);
     wait_for(|| try_status(&node.admin_addr).is_ok_and(|s| s["state"] == "Leader"), "node 1 to lead");
-    assert!(log_of(&node).contains("node.json predates pinned guest limits"), "{}", node.log_tail());
+    assert!(node.log().contains("node.json predates pinned guest limits"), "{}", node.log_tail());
     let pinned = node_json(&node);
     assert_eq!(
         (pinned["fuel_per_entry"].as_u64(), pinned["guest_memory_mb"].as_u64()),
@@ -115,6 +102,6 @@ fn t30_an_old_node_json_adopts_the_current_limits_once() {
     assert!(node.terminate().success());
 
     let mut other = Node::start(1, dir.path(), &fsm, &[], None);
-    assert_eq!(wait_exit(&mut other).code(), Some(2), "{}", other.log_tail());
-    assert!(log_of(&other).contains("--guest-memory-mb 1024"), "{}", other.log_tail());
+    assert_eq!(other.wait_exit().code(), Some(2), "{}", other.log_tail());
+    assert!(other.log().contains("--guest-memory-mb 1024"), "{}", other.log_tail());
 }

@@ -1,10 +1,10 @@
 //! The logger's admin HTTP: `GET /status`, `GET /metrics`, `GET /recover`, `POST /truncate`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -13,16 +13,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use host::store::files::{read_small, write_small};
 use host::types::NodeId;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::follow::Cluster;
 use crate::sm::lock;
-
-/// Admin connections at once: operators, probes, recoveries.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Admin {
     pub clusters: Vec<Arc<Cluster>>,
@@ -37,19 +34,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         .route("/truncate", post(truncate))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(admin);
-    host::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "admin connection closed");
-            }
-        }
-    })
-    .await;
+    host::admin::serve_router(listener, router).await;
 }
 
 #[derive(Debug, Serialize)]
@@ -166,9 +151,27 @@ fn index(q: &HashMap<String, String>, key: &str) -> Result<u64, Response> {
     }
 }
 
+/// Refuses a request without the cluster token, when there is one.
+fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+    if admin.token.is_empty() {
+        return Ok(());
+    }
+    let given = headers.get(host::admin::TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if host::net::same_secret(given.as_bytes(), admin.token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token"))
+    }
+}
+
 /// `GET /recover?cluster=ID&from=I&to=N`: the records `I..=N` (see `archive::stream` for
 /// the body), read from the file as they are sent.
-async fn recover(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
+/// The archive holds every command the cluster ran: with a cluster token, only its holders
+/// may read it.
+async fn recover(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorized(&admin, &headers) {
+        return r;
+    }
     let q = query(&uri);
     let c = match find(&admin, &q) {
         Ok(c) => c,
@@ -211,13 +214,11 @@ async fn recover(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
 
 /// `POST /truncate?cluster=ID&voter=N&below=T`: voter N agrees that records below T may
 /// be discarded. Nothing is discarded until a majority of the cluster's voters agree, and
-/// then only below the smallest T among them.
+/// then only below the smallest T among them. Requests are kept in `<dir>/<id>.truncate`
+/// (see [`record_ask`]), so a restart forgets none.
 async fn truncate(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    if !admin.token.is_empty() {
-        let given = headers.get(host::admin::TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !host::net::same_secret(given.as_bytes(), admin.token.as_bytes()) {
-            return refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token");
-        }
+    if let Err(r) = authorized(&admin, &headers) {
+        return r;
     }
     let q = query(&uri);
     let c = match find(&admin, &q) {
@@ -234,18 +235,31 @@ async fn truncate(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri)
         Err(r) => return r,
     };
     let voters: BTreeSet<NodeId> = c.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    if voters.is_empty() {
+        // Just started: its Raft node has not loaded or heard the membership yet.
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this logger does not know the cluster's voters yet (just started?); ask again shortly",
+        );
+    }
     if !voters.contains(&voter) {
         return refuse(
             StatusCode::FORBIDDEN,
             format!("node {voter} is not a voter of this cluster (voters: {voters:?}); only voters decide truncation"),
         );
     }
-    let (agreed, smallest) = {
-        let mut asks = c.truncate_asks.lock().unwrap_or_else(|p| p.into_inner());
-        asks.insert(voter, below);
-        let agreed: Vec<u64> = asks.iter().filter(|(v, _)| voters.contains(v)).map(|(_, t)| *t).collect();
-        (agreed.len(), agreed.iter().copied().min().unwrap_or(0))
+    let path = lock(&c.archive).path().with_extension("truncate");
+    let asks = {
+        let c = c.clone();
+        tokio::task::spawn_blocking(move || record_ask(&c, &path, voter, below)).await
     };
+    let asks = match asks {
+        Ok(Ok(asks)) => asks,
+        Ok(Err(e)) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let agreed: Vec<u64> = asks.iter().filter(|(v, _)| voters.contains(v)).map(|(_, t)| *t).collect();
+    let (agreed, smallest) = (agreed.len(), agreed.iter().copied().min().unwrap_or(0));
     let majority = voters.len() / 2 + 1;
     if agreed < majority {
         return refuse(
@@ -287,4 +301,22 @@ async fn truncate(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri)
         Ok(Err(e)) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// Records that `voter` asks to discard below `below`, durably, in `path` (`<dir>/<id>.truncate`,
+/// beside the archive) before anyone is told: a restarted logger remembers the requests
+/// made before, so a majority can be reached across restarts. Returns every request on
+/// record. The file holds the whole map, replaced atomically.
+fn record_ask(c: &Cluster, path: &Path, voter: NodeId, below: u64) -> Result<BTreeMap<NodeId, u64>, String> {
+    let mut asks = c.truncate_asks.lock().unwrap_or_else(|p| p.into_inner());
+    if asks.is_empty() {
+        // First request since the logger started: the ones recorded before count too.
+        let recorded: Option<BTreeMap<NodeId, u64>> = read_small(path).map_err(|e| e.to_string())?;
+        asks.extend(recorded.unwrap_or_default());
+    }
+    let mut next = asks.clone();
+    next.insert(voter, below);
+    write_small(path, &next).map_err(|e| format!("recording the request in {}: {e}", path.display()))?;
+    *asks = next.clone();
+    Ok(next)
 }

@@ -52,6 +52,10 @@ pub struct Opts {
     #[arg(long, env = "LOGGER_NO_FSYNC")]
     pub no_fsync: bool,
 
+    /// Sample this process's CPU (99 Hz) and write a flame graph (SVG) here when it stops.
+    #[arg(long, env = "LOGGER_CPUPROFILE")]
+    pub cpuprofile: Option<PathBuf>,
+
     /// Entries archived between the logger's own snapshot marks, which let its Raft log
     /// be purged (the archive holds everything purged).
     #[arg(long, env = "LOGGER_PURGE_EVERY", default_value_t = 10_000)]

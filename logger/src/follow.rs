@@ -60,7 +60,7 @@ pub async fn start(
     let mut probe = log.clone();
     let has_log = probe.get_log_state().await.map_err(|e| storage(&e))?.last_log_id.is_some();
 
-    let found = identity::read(&raft_dir).map_err(input)?;
+    let found = identity::read(&raft_dir).map_err(|e| input(e.to_string()))?;
     if let Some(found) = &found {
         if found.id != f.node_id || found.fsm_sha256 != NO_GUEST {
             return Err(input(format!(
@@ -73,7 +73,7 @@ pub async fn start(
             )));
         }
     }
-    let resolved = identity::resolve(found.as_ref(), has_log, &raft_dir).map_err(input)?;
+    let resolved = identity::resolve(found.as_ref(), has_log, &raft_dir).map_err(|e| input(e.to_string()))?;
     let node_file = NodeFile {
         id: f.node_id,
         fsm_sha256: NO_GUEST.into(),
@@ -84,7 +84,7 @@ pub async fn start(
         limits: None,
     };
     if resolved.rewrite {
-        identity::write(&raft_dir, &node_file).map_err(input)?;
+        identity::write(&raft_dir, &node_file).map_err(|e| input(e.to_string()))?;
     }
     let me = Arc::new(Identity::new(f.node_id, resolved.member_uid.clone(), resolved.cluster_id.clone()));
 
@@ -149,11 +149,7 @@ pub async fn start(
     let me_join = me.clone();
     tasks.push(tokio::spawn(async move {
         // Bound to the cluster that accepted it, durably, before it is added.
-        let bind = |cluster: &str| {
-            let file = NodeFile { cluster_id: Some(cluster.to_string()), ..node_file.clone() };
-            identity::write(&raft_dir, &file)?;
-            me_join.set_cluster(cluster)
-        };
+        let bind = |cluster: &str| identity::bind(&raft_dir, &node_file, &me_join, cluster);
         match join_cluster(&seeds, req, &token_s, bind).await {
             Ok(()) => tracing::info!(cluster = %name, "following the cluster as a logger"),
             Err(e) => {

@@ -44,9 +44,9 @@ pub enum LoggerError {
     Join(String),
 }
 
-impl LoggerError {
+impl host::daemon::ExitCode for LoggerError {
     /// 2: the operator's to fix (flags, a refused join, a corrupt archive); 1: otherwise.
-    pub fn exit_code(&self) -> i32 {
+    fn exit_code(&self) -> i32 {
         match self {
             LoggerError::Input(_) | LoggerError::Join(_) | LoggerError::Archive(_) => 2,
             LoggerError::Storage(_) | LoggerError::Raft(_) => 1,

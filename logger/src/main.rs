@@ -3,7 +3,6 @@
 
 use clap::Parser;
 use logger::config::{Command, Opts};
-use tracing_subscriber::EnvFilter;
 
 fn main() {
     let opts = Opts::parse();
@@ -23,46 +22,14 @@ fn main() {
         }
         return;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("logger: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let code = rt.block_on(async {
-        let shutdown = match shutdown_signal() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("logger: cannot watch signals: {e}");
-                return 1;
-            }
-        };
-        match logger::run(opts, shutdown).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("logger: {e}");
-                e.exit_code()
-            }
-        }
-    });
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    std::process::exit(code);
-}
-
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+    host::daemon::init_tracing(host::daemon::MEMBER_LOGS);
+    host::daemon::run("logger", |shutdown| async move {
+        let cpuprofile = opts.cpuprofile.clone();
+        let profiles = host::profiling::Profiles::start(cpuprofile.as_deref(), None)
+            .await
+            .map_err(|e| logger::LoggerError::Input(e.to_string()))?;
+        let result = logger::run(opts, shutdown).await;
+        profiles.finish().await;
+        result
     })
 }

@@ -415,3 +415,37 @@ fn t06_truncate_needs_a_majority_and_bad_admin_input_gets_clear_errors() {
     assert_eq!(code, 200);
     assert!(body.contains("logger_archived_index{cluster=\"log1\"}"), "{body}");
 }
+
+#[test]
+fn t07_truncate_requests_survive_a_logger_restart() {
+    let mut c = Cluster::start(3, "kvstore", &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut l = Logger::start(dir.path(), &["log1"], &[&c.nodes[0].admin_addr]);
+    write(&c.client_addrs(), 0..200, 4);
+    let admin = leader_admin(&mut c);
+    l.wait_archived("log1", &admin);
+    let post = |l: &Logger, q: &str| http_request(&l.admin, "POST", &format!("/truncate?{q}"), None).expect("truncate");
+    // A logger that has just started may not know the voters yet (503): wait until it does.
+    let following = |l: &Logger| {
+        wait_for(
+            || l.cluster("log1").is_ok_and(|c| c["state"] == "Learner" && c["leader_id"].is_u64()),
+            "the logger to follow the cluster again",
+        )
+    };
+
+    let (code, body) = post(&l, "cluster=log1&voter=1&below=150");
+    assert_eq!(code, 409, "{body}");
+    assert!(dir.path().join("log1.truncate").exists(), "the request is recorded beside the archive");
+    // Killed at once: the request was on disk before it was answered.
+    l.kill9();
+    l.launch();
+    following(&l);
+    let (code, body) = post(&l, "cluster=log1&voter=2&below=100");
+    assert_eq!(code, 200, "voter 1's request from before the restart counts: {body}");
+    assert_eq!(inspect(&l.archive("log1")).expect("inspect")["first_index"].as_u64(), Some(100));
+
+    // Both requests are on record, the one made before the restart included.
+    let asks: BTreeMap<u64, u64> =
+        host::store::files::read_small(&dir.path().join("log1.truncate")).expect("read").expect("recorded");
+    assert_eq!(asks, BTreeMap::from([(1, 150), (2, 100)]));
+}

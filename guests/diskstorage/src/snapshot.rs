@@ -1,15 +1,22 @@
-//! The snapshot stream: `DSK1`, u64 LE file size, u32 LE value size, then for each run of
-//! non-zero bytes in increasing offset order `[u64 LE offset][u32 LE len][bytes]`.
+//! The snapshot stream: `DSK2`, u64 LE file size, u32 LE value size, then for each run of
+//! non-zero bytes in increasing offset order `[u64 LE offset][u32 LE len][bytes]`, then
+//! the end mark of `kvcommand::seal` (length and checksum of everything before it).
+//! Streams of the previous format, `DSK1` without the mark, still restore (snapshots
+//! written by an older release).
 //!
 //! Zero ranges are left out, so a mostly empty (sparse) file gives a small stream and a
 //! restore into a fresh sparse file reproduces it byte for byte.
+
+use kvcommand::seal::{Seal, Unseal};
 
 use crate::dirty::DirtyBlocks;
 use crate::disk::{is_zero, Disk};
 use crate::settings::{Settings, SyncMode};
 use crate::store::{Store, SCAN_BLOCK};
 
-pub const MAGIC: &[u8; 4] = b"DSK1";
+pub const MAGIC: &[u8; 4] = b"DSK2";
+/// The format before the end mark.
+pub const MAGIC_UNSEALED: &[u8; 4] = b"DSK1";
 const HEADER_LEN: usize = 16;
 const RECORD_HEADER_LEN: usize = 12;
 /// Runs are found at this granularity and then trimmed to exact bytes; a zero gap of a
@@ -37,6 +44,7 @@ pub struct SnapshotReader {
     pending_pos: usize,
     /// The next offset to scan: always the start of a block.
     cursor: u64,
+    seal: Seal,
 }
 
 impl SnapshotReader {
@@ -47,6 +55,7 @@ impl SnapshotReader {
             pending: header(store.settings()),
             pending_pos: 0,
             cursor: 0,
+            seal: Seal::default(),
         }
     }
 
@@ -59,6 +68,14 @@ impl SnapshotReader {
             // An empty list would read as the end of the stream.
             return Err("snapshot read needs max-bytes of at least 1".to_string());
         }
+        let mut seal = std::mem::take(&mut self.seal);
+        let out = seal.read(max, |max| self.records(store, max));
+        self.seal = seal;
+        out
+    }
+
+    /// The header and records, at most `max` bytes; empty once all were returned.
+    fn records<D: Disk>(&mut self, store: &Store<D>, max: usize) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(max.min(2 * SCAN_BLOCK));
         loop {
             let take = (self.pending.len() - self.pending_pos).min(max - out.len());
@@ -133,6 +150,11 @@ pub struct Restorer<D: Disk> {
     /// After the first error every later call repeats it: a stream with a hole in it
     /// must never finish.
     failed: Option<String>,
+    /// The first bytes received, until they name the format.
+    head: Vec<u8>,
+    /// `Some(true)` for a sealed stream (`DSK2`), `Some(false)` for `DSK1`.
+    sealed: Option<bool>,
+    unseal: Unseal,
 }
 
 impl<D: Disk> Restorer<D> {
@@ -148,6 +170,9 @@ impl<D: Disk> Restorer<D> {
             record: None,
             next_offset: 0,
             failed: None,
+            head: Vec::with_capacity(MAGIC.len()),
+            sealed: None,
+            unseal: Unseal::default(),
         })
     }
 
@@ -155,11 +180,28 @@ impl<D: Disk> Restorer<D> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        let result = self.parse(chunk);
+        let result = self.take(chunk);
         if let Err(err) = &result {
             self.failed = Some(err.clone());
         }
         result
+    }
+
+    fn take(&mut self, chunk: &[u8]) -> Result<(), String> {
+        if self.sealed.is_none() {
+            // Refuse another stream from its first bytes, before the end mark could be.
+            let want = MAGIC.len() - self.head.len();
+            self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+            let have = self.head.len();
+            if self.head[..] != MAGIC[..have] && self.head[..] != MAGIC_UNSEALED[..have] {
+                return Err(not_ours());
+            }
+            if have == MAGIC.len() {
+                self.sealed = Some(self.head[..] == MAGIC[..]);
+            }
+        }
+        let records = self.unseal.pass(chunk);
+        self.parse(&records)
     }
 
     /// The staged disk, complete and (with `sync=each-write`) durable, and the blocks
@@ -167,6 +209,13 @@ impl<D: Disk> Restorer<D> {
     pub fn finish(mut self) -> Result<(D, DirtyBlocks), String> {
         if let Some(err) = self.failed {
             return Err(err);
+        }
+        match self.sealed {
+            Some(true) => std::mem::take(&mut self.unseal).finish()?,
+            _ => {
+                let held = std::mem::take(&mut self.unseal).into_held();
+                self.parse(&held)?;
+            }
         }
         if !self.header_seen {
             return Err(format!(
@@ -205,11 +254,8 @@ impl<D: Disk> Restorer<D> {
             chunk = &chunk[take..];
             if !self.header_seen {
                 let have = self.partial.len().min(MAGIC.len());
-                if self.partial[..have] != MAGIC[..have] {
-                    return Err(format!(
-                        "not a diskstorage snapshot: expected header {:?}",
-                        String::from_utf8_lossy(MAGIC)
-                    ));
+                if self.partial[..have] != MAGIC[..have] && self.partial[..have] != MAGIC_UNSEALED[..have] {
+                    return Err(not_ours());
                 }
             }
             if self.partial.len() < want {
@@ -262,6 +308,10 @@ impl<D: Disk> Restorer<D> {
         self.dirty.mark(offset, u64::from(len));
         Ok(())
     }
+}
+
+fn not_ours() -> String {
+    format!("not a diskstorage snapshot: expected header {:?}", String::from_utf8_lossy(MAGIC))
 }
 
 /// `bytes` always has the length of `N`: the callers slice fixed ranges of a complete
@@ -343,7 +393,23 @@ mod tests {
     }
 
     /// Decodes a stream without the restorer, to check the format independently.
+    /// `data` with the end mark a reader puts after it.
+    fn sealed(data: &[u8]) -> Vec<u8> {
+        let mut seal = Seal::default();
+        let mut rest = Some(data.to_vec());
+        let mut out = Vec::new();
+        loop {
+            let chunk = seal.read(1 << 20, |_| Ok(rest.take().unwrap_or_default())).expect("seal");
+            if chunk.is_empty() {
+                return out;
+            }
+            out.extend(chunk);
+        }
+    }
+
+    /// Decodes a sealed stream's records.
     fn records(stream: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let stream = &stream[..stream.len() - kvcommand::seal::MARK_LEN];
         let mut records = Vec::new();
         let mut pos = HEADER_LEN;
         while pos < stream.len() {
@@ -360,7 +426,7 @@ mod tests {
     fn stream_format() {
         let store = store_with(settings(100, 10), &commands(&["set-5-ab", "set-1-q\0\0r", "set-2-s"]));
         let stream = read_all(&store, 1 << 16).concat();
-        let mut expected = b"DSK1".to_vec();
+        let mut expected = b"DSK2".to_vec();
         expected.extend_from_slice(&100u64.to_le_bytes());
         expected.extend_from_slice(&10u32.to_le_bytes());
         // Slots 1 and 2 lie in adjacent non-zero 16-byte chunks, so they share a record;
@@ -371,10 +437,10 @@ mod tests {
         expected.extend_from_slice(&50u64.to_le_bytes());
         expected.extend_from_slice(&2u32.to_le_bytes());
         expected.extend_from_slice(b"ab");
-        assert_eq!(stream, expected);
+        assert_eq!(stream, sealed(&expected));
 
         let empty = store_with(settings(100, 10), &[]);
-        assert_eq!(read_all(&empty, 100).concat(), &expected[..HEADER_LEN]);
+        assert_eq!(read_all(&empty, 100).concat(), sealed(&expected[..HEADER_LEN]));
     }
 
     #[test]
@@ -394,35 +460,6 @@ mod tests {
             last_end = offset + bytes.len();
         }
         assert_eq!(rebuilt, store.disk().bytes());
-    }
-
-    #[test]
-    fn read_sizes_do_not_change_the_stream() {
-        let store = sample();
-        let whole = read_all(&store, 1 << 20).concat();
-        for max in [1, 2, 3, 7, 11, 12, 13, 16, 17, 1000, 65_536, 65_537] {
-            let chunks = read_all(&store, max);
-            assert_eq!(chunks.concat(), whole, "max {max}");
-            // Only the last chunk may be short: the rest fill their budget.
-            for chunk in &chunks[..chunks.len() - 1] {
-                assert_eq!(chunk.len(), max, "max {max}");
-            }
-        }
-    }
-
-    #[test]
-    fn roundtrip_with_tiny_reads_and_odd_chunks() {
-        let store = sample();
-        let stream = read_all(&store, 7).concat();
-        for chunk_size in [1, 3, 5, 11, 12, 13, 4097, stream.len()] {
-            let chunks: Vec<&[u8]> = stream.chunks(chunk_size).collect();
-            let disk = restore_into(*store.settings(), &chunks).expect("restore");
-            assert!(disk.bytes() == store.disk().bytes(), "chunk size {chunk_size}");
-        }
-        // Empty chunks are harmless.
-        let disk = restore_into(*store.settings(), &[b"", &stream[..2], b"", &stream[2..20], b"", &stream[20..], b""])
-            .expect("restore");
-        assert!(disk.bytes() == store.disk().bytes());
     }
 
     #[test]
@@ -487,7 +524,7 @@ mod tests {
         }
         let len: usize = chunks.iter().map(Vec::len).sum();
         assert!(len < 100 * 1024, "{len} bytes");
-        assert_eq!(len, HEADER_LEN + 10 * (RECORD_HEADER_LEN + 1000));
+        assert_eq!(len, HEADER_LEN + 10 * (RECORD_HEADER_LEN + 1000) + kvcommand::seal::MARK_LEN);
         // Only the ten written blocks are read, not the 1024 of the file.
         assert_eq!(store.disk().read.get() - read_before, 10 * SCAN_BLOCK as u64);
 
@@ -510,9 +547,23 @@ mod tests {
             let err = restore_into(*store.settings(), &[&stream[..cut]]).expect_err("truncated");
             assert!(err.contains("truncated"), "cut {cut}: {err}");
         }
-        // A cut exactly at a record boundary is a valid (shorter) stream.
-        let disk = restore_into(*store.settings(), &[&stream[..HEADER_LEN + first_record_len]]).expect("prefix");
-        assert!(disk.bytes() != store.disk().bytes());
+        // A cut at a record boundary too: the end mark says where the stream ends.
+        let at_boundary = &stream[..HEADER_LEN + first_record_len];
+        assert!(restore_into(*store.settings(), &[at_boundary]).expect_err("boundary").contains("truncated"));
+    }
+
+    /// Snapshots written before the end mark (`DSK1`) still restore.
+    #[test]
+    fn unsealed_streams_of_the_previous_format_restore() {
+        let store = sample();
+        let stream = read_all(&store, 1 << 20).concat();
+        let mut old = stream[..stream.len() - kvcommand::seal::MARK_LEN].to_vec();
+        old[..4].copy_from_slice(b"DSK1");
+        for chunk in [1, 7, 4096] {
+            let chunks: Vec<&[u8]> = old.chunks(chunk).collect();
+            let disk = restore_into(*store.settings(), &chunks).expect("DSK1");
+            assert!(disk.bytes() == store.disk().bytes());
+        }
     }
 
     #[test]
@@ -522,7 +573,7 @@ mod tests {
         staging.set_len(s.file_size).expect("len");
         let mut restorer = Restorer::new(s, staging).expect("restorer");
         assert!(restorer.write(b"DS").is_ok());
-        let err = restorer.write(b"K2").expect_err("bad magic");
+        let err = restorer.write(b"X2").expect_err("bad magic");
         assert!(err.contains("not a diskstorage snapshot"), "{err}");
         assert!(restorer.write(b"").is_err());
         assert!(restorer.finish().is_err());
@@ -551,14 +602,14 @@ mod tests {
     #[test]
     fn corrupt_records_are_refused() {
         let s = settings(100, 10);
-        let header = read_all(&store_with(s, &[]), 100).concat();
+        let header = read_all(&store_with(s, &[]), 100).concat()[..HEADER_LEN].to_vec();
         let record = |offset: u64, bytes: &[u8]| {
             let mut r = offset.to_le_bytes().to_vec();
             r.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             r.extend_from_slice(bytes);
             r
         };
-        let stream = |records: &[Vec<u8>]| [header.clone(), records.concat()].concat();
+        let stream = |records: &[Vec<u8>]| sealed(&[header.clone(), records.concat()].concat());
         let err = |records: &[Vec<u8>]| restore_into(s, &[&stream(records)]).expect_err("corrupt");
 
         assert!(err(&[record(10, b"a"), record(5, b"b")]).contains("before the previous one ended"));
@@ -569,8 +620,8 @@ mod tests {
         assert!(restore_into(s, &[&stream(&[record(10, b"ab"), record(12, b"c"), record(99, b"d")])]).is_ok());
         // Slots end at 100 here; with a tail, bytes in it belong to no slot.
         let tailed = settings(105, 10);
-        let tailed_header = read_all(&store_with(tailed, &[]), 100).concat();
-        let tail = [tailed_header, record(100, b"t")].concat();
+        let tailed_header = read_all(&store_with(tailed, &[]), 100).concat()[..HEADER_LEN].to_vec();
+        let tail = sealed(&[tailed_header, record(100, b"t")].concat());
         assert!(restore_into(tailed, &[&tail]).expect_err("tail").contains("past the last slot"));
     }
 
@@ -588,14 +639,6 @@ mod tests {
     }
 
     #[test]
-    fn zero_max_bytes_is_an_error_not_the_end() {
-        let store = sample();
-        let mut reader = SnapshotReader::new(&store);
-        assert!(reader.read(&store, 0).is_err());
-        assert_eq!(reader.read(&store, 4), Ok(b"DSK1".to_vec()));
-    }
-
-    #[test]
     fn snapshot_does_not_change_state() {
         let store = sample();
         let (bytes, digest, generation) = (store.disk().clone(), store.digest(), store.generation());
@@ -603,5 +646,47 @@ mod tests {
         assert!(store.disk() == &bytes);
         assert_eq!(store.digest(), digest);
         assert_eq!(store.generation(), generation);
+    }
+
+    impl kvcommand::snapshot_kit::Reader<Store<MemDisk>> for SnapshotReader {
+        fn read(&mut self, store: &Store<MemDisk>, max: usize) -> Result<Vec<u8>, String> {
+            SnapshotReader::read(self, store, max)
+        }
+    }
+
+    impl kvcommand::snapshot_kit::Subject for Store<MemDisk> {
+        fn sample() -> Self {
+            sample()
+        }
+        fn apply(&mut self, command: &[u8]) -> Result<Vec<u8>, String> {
+            self.run(command)
+        }
+        fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+            Store::query(self, request)
+        }
+        fn digest(&self) -> Vec<u8> {
+            Store::digest(self).to_bytes().to_vec()
+        }
+        fn reader(&self) -> Box<dyn kvcommand::snapshot_kit::Reader<Self>> {
+            Box::new(SnapshotReader::new(self))
+        }
+        fn restore_beside(&self, chunks: &[&[u8]]) -> Result<Self, String> {
+            let mut target = store_with(*self.settings(), &commands(&["set-5-old", "set-0-other"]));
+            let (disk, dirty) = restore_with_dirty(*self.settings(), chunks)?;
+            target.replace_disk(disk, dirty, Ok)?;
+            Ok(target)
+        }
+        fn a_change(n: u32) -> Vec<u8> {
+            match n % 3 {
+                0 => format!("set-{}-v{n}", n % 201).into_bytes(),
+                1 => format!("set-7-{}", "w".repeat(n as usize * 13 % 1000 + 1)).into_bytes(),
+                _ => b"delete-3".to_vec(),
+            }
+        }
+    }
+
+    #[test]
+    fn the_shared_snapshot_properties_hold() {
+        kvcommand::snapshot_kit::check_all::<Store<MemDisk>>();
     }
 }

@@ -8,5 +8,8 @@
 pub mod command;
 pub mod digest;
 pub mod proto;
+pub mod seal;
 pub mod settings;
+#[cfg(feature = "snapshot-kit")]
+pub mod snapshot_kit;
 pub mod text;

@@ -1,11 +1,18 @@
-//! The snapshot stream: `KVS1`, then per pair in key order
-//! `[u32 LE key len][key][u32 LE value len][value]`.
+//! The snapshot stream: `KVS2`, then per pair in key order
+//! `[u32 LE key len][key][u32 LE value len][value]`, then the end mark of
+//! `kvcommand::seal` (length and checksum of everything before it). Streams of the
+//! previous format, `KVS1` without the mark, still restore (a snapshot written by an
+//! older release); they cannot tell a cut at a record boundary from their end.
 
 use std::ops::Bound;
 
+use kvcommand::seal::{Seal, Unseal};
+
 use crate::store::{Store, Table};
 
-pub const MAGIC: &[u8; 4] = b"KVS1";
+pub const MAGIC: &[u8; 4] = b"KVS2";
+/// The format before the end mark.
+pub const MAGIC_UNSEALED: &[u8; 4] = b"KVS1";
 
 /// Streams the live map instead of a copy: the host reads a snapshot to the end before
 /// it applies anything else, so resuming after the last emitted key sees the state the
@@ -20,6 +27,7 @@ pub struct SnapshotReader {
     /// The last key encoded (into the output or `pending`); the next record follows it.
     last_key: Option<String>,
     keys_exhausted: bool,
+    seal: Seal,
 }
 
 impl SnapshotReader {
@@ -30,6 +38,7 @@ impl SnapshotReader {
             pending_pos: 0,
             last_key: None,
             keys_exhausted: false,
+            seal: Seal::default(),
         }
     }
 
@@ -42,6 +51,14 @@ impl SnapshotReader {
             // An empty list would read as the end of the stream.
             return Err("snapshot read needs max-bytes of at least 1".to_string());
         }
+        let mut seal = std::mem::take(&mut self.seal);
+        let out = seal.read(max, |max| self.records(store, max));
+        self.seal = seal;
+        out
+    }
+
+    /// The header and records, at most `max` bytes; empty once all were returned.
+    fn records(&mut self, store: &Store, max: usize) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(max.min(64 * 1024));
         self.drain_pending(&mut out, max);
         if out.len() == max || self.keys_exhausted {
@@ -99,6 +116,11 @@ fn encode_record(out: &mut Vec<u8>, key: &str, value: &[u8]) -> Result<(), Strin
 pub struct Restorer {
     /// Received bytes not yet parsed: at most one incomplete record (or magic).
     buf: Vec<u8>,
+    /// The first bytes received, until they name the format.
+    head: Vec<u8>,
+    /// `Some(true)` for a sealed stream (`KVS2`), `Some(false)` for `KVS1`.
+    sealed: Option<bool>,
+    unseal: Unseal,
     magic_seen: bool,
     table: Table,
     /// After the first error every later call repeats it: a stream with a hole in it
@@ -111,17 +133,43 @@ impl Restorer {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        self.buf.extend_from_slice(chunk);
-        let result = self.parse();
+        let result = self.take(chunk);
         if let Err(err) = &result {
             self.failed = Some(err.clone());
         }
         result
     }
 
-    pub fn finish(self) -> Result<Table, String> {
+    fn take(&mut self, chunk: &[u8]) -> Result<(), String> {
+        if self.sealed.is_none() {
+            // Refuse another stream from its first bytes, before the end mark could be.
+            let want = MAGIC.len() - self.head.len();
+            self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+            let have = self.head.len();
+            if self.head[..] != MAGIC[..have] && self.head[..] != MAGIC_UNSEALED[..have] {
+                return Err(not_ours());
+            }
+            if have == MAGIC.len() {
+                self.sealed = Some(self.head[..] == MAGIC[..]);
+            }
+        }
+        let records = self.unseal.pass(chunk);
+        self.buf.extend_from_slice(&records);
+        self.parse()
+    }
+
+    pub fn finish(mut self) -> Result<Table, String> {
         if let Some(err) = self.failed {
             return Err(err);
+        }
+        match self.sealed {
+            Some(true) => self.unseal.finish()?,
+            _ => {
+                let held = self.unseal.into_held();
+                self.unseal = Unseal::default();
+                self.buf.extend_from_slice(&held);
+                self.parse()?;
+            }
         }
         if !self.magic_seen {
             return Err(format!(
@@ -140,8 +188,8 @@ impl Restorer {
         let mut pos = 0;
         if !self.magic_seen {
             let have = self.buf.len().min(MAGIC.len());
-            if self.buf[..have] != MAGIC[..have] {
-                return Err(format!("not a kvstore snapshot: expected header {:?}", String::from_utf8_lossy(MAGIC)));
+            if self.buf[..have] != MAGIC[..have] && self.buf[..have] != MAGIC_UNSEALED[..have] {
+                return Err(not_ours());
             }
             if have < MAGIC.len() {
                 return Ok(());
@@ -162,6 +210,10 @@ impl Restorer {
         self.buf.drain(..pos);
         Ok(())
     }
+}
+
+fn not_ours() -> String {
+    format!("not a kvstore snapshot: expected header {:?}", String::from_utf8_lossy(MAGIC))
 }
 
 /// The record starting at `pos`, if all of it has arrived: key, value, end offset.
@@ -221,39 +273,29 @@ mod tests {
     fn stream_format() {
         let store = store_with(&["set-b-22", "set-a-1"]);
         let stream = read_all(&store, 1 << 16).concat();
-        let mut expected = b"KVS1".to_vec();
+        let mut expected = b"KVS2".to_vec();
         expected.extend_from_slice(&[1, 0, 0, 0, b'a', 1, 0, 0, 0, b'1']);
         expected.extend_from_slice(&[1, 0, 0, 0, b'b', 2, 0, 0, 0, b'2', b'2']);
-        assert_eq!(stream, expected);
-        assert_eq!(read_all(&Store::default(), 100).concat(), b"KVS1");
+        let (records, mark) = stream.split_at(stream.len() - kvcommand::seal::MARK_LEN);
+        assert_eq!(records, expected);
+        // The end mark: the length before it, a checksum, "SEND".
+        assert_eq!(mark[..8], 25u64.to_le_bytes());
+        assert_eq!(&mark[16..], b"SEND");
+        assert_eq!(read_all(&Store::default(), 100).concat().len(), 4 + kvcommand::seal::MARK_LEN);
     }
 
+    /// Snapshots written before the end mark (`KVS1`) still restore.
     #[test]
-    fn read_sizes_do_not_change_the_stream() {
-        let store = sample();
-        let whole = read_all(&store, 1 << 20).concat();
-        for max in [1, 2, 3, 7, 8, 9, 13, 64, 117, 1000] {
-            let chunks = read_all(&store, max);
-            assert_eq!(chunks.concat(), whole, "max {max}");
-            // Only the last chunk may be short: the rest fill their budget.
-            for chunk in &chunks[..chunks.len() - 1] {
-                assert_eq!(chunk.len(), max, "max {max}");
-            }
+    fn unsealed_streams_of_the_previous_format_restore() {
+        let mut old = b"KVS1".to_vec();
+        old.extend_from_slice(&[1, 0, 0, 0, b'a', 1, 0, 0, 0, b'1']);
+        old.extend_from_slice(&[1, 0, 0, 0, b'b', 2, 0, 0, 0, b'2', b'2']);
+        for chunk in [1, 3, 30] {
+            let chunks: Vec<&[u8]> = old.chunks(chunk).collect();
+            let table = restore(&chunks).expect("KVS1");
+            assert_eq!(table, *store_with(&["set-b-22", "set-a-1"]).table());
         }
-    }
-
-    #[test]
-    fn roundtrip_with_tiny_reads_and_odd_chunks() {
-        let store = sample();
-        let stream = read_all(&store, 7).concat();
-        for chunk_size in [1, 3, 5, 7, 11, 4096] {
-            let chunks: Vec<&[u8]> = stream.chunks(chunk_size).collect();
-            let table = restore(&chunks).expect("restore");
-            assert_eq!(&table, store.table(), "chunk size {chunk_size}");
-        }
-        // Empty chunks are harmless.
-        let table = restore(&[b"", &stream[..2], b"", &stream[2..], b""]).expect("restore");
-        assert_eq!(table.digest(), store.table().digest());
+        assert!(restore(&[&old[..old.len() - 1]]).expect_err("cut").contains("truncated"));
     }
 
     #[test]
@@ -274,20 +316,18 @@ mod tests {
     #[test]
     fn truncated_streams_are_refused() {
         let stream = read_all(&sample(), 1 << 20).concat();
-        for cut in [0, 2, 3, 5, 8, 9, 12, stream.len() - 1] {
+        // Record boundaries included: the end mark says where the stream ends.
+        for cut in [0, 2, 3, 4, 5, 8, 9, 12, stream.len() - 21, stream.len() - 20, stream.len() - 1] {
             let err = restore(&[&stream[..cut]]).expect_err("truncated");
             assert!(err.contains("truncated"), "cut {cut}: {err}");
         }
-        // Every record boundary is a valid end, so a cut exactly there restores a prefix.
-        let table = restore(&[&stream[..4]]).expect("header only");
-        assert!(table.map().is_empty());
     }
 
     #[test]
     fn bad_magic_is_refused_early_and_for_good() {
         let mut restorer = Restorer::default();
         assert!(restorer.write(b"KV").is_ok());
-        let err = restorer.write(b"S2").expect_err("bad magic");
+        let err = restorer.write(b"X2").expect_err("bad magic");
         assert!(err.contains("not a kvstore snapshot"), "{err}");
         assert!(restorer.write(b"").is_err());
         assert!(restorer.finish().is_err());
@@ -318,30 +358,44 @@ mod tests {
         assert!(restore(&[&huge]).expect_err("huge").contains("truncated"));
     }
 
-    #[test]
-    fn reading_after_a_change_fails() {
-        let mut store = sample();
-        let mut reader = SnapshotReader::new(&store);
-        assert!(reader.read(&store, 10).is_ok());
-        store.apply(b"set-z-1").expect("set");
-        assert!(reader.read(&store, 10).is_err());
+    impl kvcommand::snapshot_kit::Reader<Store> for SnapshotReader {
+        fn read(&mut self, store: &Store, max: usize) -> Result<Vec<u8>, String> {
+            SnapshotReader::read(self, store, max)
+        }
+    }
+
+    impl kvcommand::snapshot_kit::Subject for Store {
+        fn sample() -> Store {
+            sample()
+        }
+        fn apply(&mut self, command: &[u8]) -> Result<Vec<u8>, String> {
+            Store::apply(self, command)
+        }
+        fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+            Store::query(self, request)
+        }
+        fn digest(&self) -> Vec<u8> {
+            Store::digest(self).to_vec()
+        }
+        fn reader(&self) -> Box<dyn kvcommand::snapshot_kit::Reader<Store>> {
+            Box::new(SnapshotReader::new(self))
+        }
+        fn restore_beside(&self, chunks: &[&[u8]]) -> Result<Store, String> {
+            let mut target = store_with(&["set-unrelated-1", "set-a-other"]);
+            target.replace_table(restore(chunks)?);
+            Ok(target)
+        }
+        fn a_change(n: u32) -> Vec<u8> {
+            match n % 3 {
+                0 => format!("set-k{n}-v{n}").into_bytes(),
+                1 => format!("set-a-{n}").into_bytes(),
+                _ => b"delete-b".to_vec(),
+            }
+        }
     }
 
     #[test]
-    fn zero_max_bytes_is_an_error_not_the_end() {
-        let store = sample();
-        let mut reader = SnapshotReader::new(&store);
-        assert!(reader.read(&store, 0).is_err());
-        assert_eq!(reader.read(&store, 4), Ok(b"KVS1".to_vec()));
-    }
-
-    #[test]
-    fn snapshot_does_not_change_state() {
-        let store = sample();
-        let digest = store.digest();
-        let generation = store.generation();
-        read_all(&store, 5);
-        assert_eq!(store.digest(), digest);
-        assert_eq!(store.generation(), generation);
+    fn the_shared_snapshot_properties_hold() {
+        kvcommand::snapshot_kit::check_all::<Store>();
     }
 }

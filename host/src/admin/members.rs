@@ -18,11 +18,12 @@ use axum::Json;
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 
+use super::guard::{authorized, membership_error, must_lead, reply};
 use super::status::MemberStatus;
 use super::TOKEN_HEADER;
 use crate::api::App;
 use crate::http_client::HttpClient;
-use crate::join::policy::{authorized, caught_up, membership_error, must_lead, reply};
+use crate::join::policy::caught_up;
 use crate::types::NodeId;
 
 /// `GET /members`.

@@ -3,6 +3,7 @@
 //! `/members/demote`, `/members/promote`, `/leader/transfer`), and `GET /recover` (state
 //! transfer to `recovery`, in `recover`).
 
+pub mod guard;
 pub mod members;
 pub mod operator;
 pub mod recover;
@@ -45,6 +46,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/recover", get(recover::handle))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app);
+    serve_router(listener, router).await;
+}
+
+/// Serves `router` as an admin port (the host's and the logger's): HTTP/1.1, at most
+/// [`MAX_ADMIN_CONNECTIONS`] at once, a request head within [`HEADER_READ_TIMEOUT`].
+pub async fn serve_router(listener: TcpListener, router: Router) {
     crate::net::accept_loop(listener, "admin", MAX_ADMIN_CONNECTIONS, move |stream| {
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         async move {

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use super::guard::AdminReply;
 use super::TOKEN_HEADER;
 use crate::http_client::HttpClient;
-use crate::join::JoinReply;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -48,7 +48,7 @@ pub async fn post(
     while let Some(addr) = queue.pop() {
         match http.post_json(&addr, path, body.as_bytes(), &headers).await {
             Ok(a) => {
-                let reply: Option<JoinReply> = serde_json::from_slice(&a.body).ok();
+                let reply: Option<AdminReply> = serde_json::from_slice(&a.body).ok();
                 let message = reply.as_ref().map_or_else(|| a.text(), |r| r.message.clone());
                 match a.status {
                     200 => return Ok(message),

@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use host::config::Opts;
-use tracing_subscriber::EnvFilter;
 
 /// jemalloc: `--memprofile` needs its sampling heap profiler, and it allocates the many
 /// small, short-lived buffers of the request path at least as fast as the system's.
@@ -16,51 +15,11 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8] = b"prof:true,prof_active:false,lg_prof_sample:19\0";
 
 fn main() {
+    // `host check ...` checks a guest; anything else runs a member (`host --fsm ...`).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "check") {
+        std::process::exit(host::check::main(std::env::args_os().skip(1)));
+    }
     let opts = Opts::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("host: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let code = rt.block_on(async {
-        // Handlers are installed before anything is served: a signal that arrives while
-        // the member starts must stop it gracefully, not kill it.
-        let shutdown = match shutdown_signal() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("host: cannot watch signals: {e}");
-                return 1;
-            }
-        };
-        match host::node::run(opts, shutdown).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("host: {e}");
-                e.exit_code()
-            }
-        }
-    });
-    // Do not wait for blocked worker threads (a guest stuck in a long call): everything
-    // acknowledged is already on disk.
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    std::process::exit(code);
-}
-
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
+    host::daemon::init_tracing(host::daemon::MEMBER_LOGS);
+    host::daemon::run("host", |shutdown| host::node::run(opts, shutdown))
 }

@@ -38,6 +38,9 @@ pub enum ApplyOutcome {
     MemberFailure(String),
 }
 
+/// A command's result as the guest gives it: ok bytes or its error text.
+pub type CommandResult = Result<Vec<u8>, String>;
+
 pub struct Instance {
     store: Store<HostState>,
     fsm: Fsm,
@@ -166,6 +169,37 @@ impl Instance {
                 _ => ApplyOutcome::Trap(describe_trap(&e)),
             },
         }
+    }
+
+    /// Applies `commands` as entries `first..` in one `apply` call, as a host batching
+    /// entries would, with the per-command budget for each; returns the guest's results
+    /// (however many it gave: the caller checks the count) and the fuel the call used.
+    /// For `host check`: members apply one entry per call (see [`Instance::apply`]).
+    pub fn apply_batch(
+        &mut self,
+        first: u64,
+        term: u64,
+        commands: &[Vec<u8>],
+    ) -> Result<(Vec<CommandResult>, u64), GuestError> {
+        let budget = self.fuel_per_entry.saturating_mul(commands.len().max(1) as u64);
+        self.store.set_fuel(budget).map_err(|e| trap(&e))?;
+        self.store.data_mut().limiter.refused = None;
+        let entries: Vec<sm::Entry> = (first..)
+            .zip(commands)
+            .map(|(index, command)| sm::Entry { index, term, command: command.clone() })
+            .collect();
+        let called = self.fsm.wasm_raft_fsm_state_machine().call_apply(&mut self.store, &entries);
+        if let Some(refused) = self.store.data_mut().limiter.refused.take() {
+            return Err(GuestError::MemberFailure(format!("the guest ran out of memory: {refused}")));
+        }
+        let results = called.map_err(|e| in_call("apply", &e))?;
+        let left = self.store.get_fuel().map_err(|e| trap(&e))?;
+        Ok((results, budget - left))
+    }
+
+    /// Fuel the last call left unused (for `host check`'s cost measurements).
+    pub fn fuel_left(&self) -> u64 {
+        self.store.get_fuel().unwrap_or(0)
     }
 
     /// A read-only query, under the per-query fuel budget: any client can send one, so it

@@ -17,7 +17,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use instance::{ApplyOutcome, Instance};
+pub use instance::{ApplyOutcome, GuestError, Instance};
 
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({

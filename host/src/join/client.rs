@@ -22,7 +22,7 @@ pub enum JoinError {
     #[error("{addr} answered for cluster {given}, not {ours}")]
     OtherCluster { addr: String, given: String, ours: String },
     #[error("cannot record cluster id {cluster}: {why}")]
-    Bind { cluster: String, why: String },
+    Bind { cluster: String, why: crate::identity::IdentityError },
 }
 
 /// Ask the seeds to add us until one (or the leader it points to) accepts. `bind` records
@@ -31,7 +31,7 @@ pub async fn join_cluster(
     seeds: &[String],
     mut req: JoinRequest,
     token: &str,
-    bind: impl Fn(&str) -> Result<(), String>,
+    bind: impl Fn(&str) -> Result<(), crate::identity::IdentityError>,
 ) -> Result<(), JoinError> {
     let http = HttpClient::new(CALL_TIMEOUT).with_max_body(MAX_ANSWER);
     let headers: Vec<(&str, &str)> = if token.is_empty() { vec![] } else { vec![(TOKEN_HEADER, token)] };

@@ -9,47 +9,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 
 use super::{config_sha256, JoinReply, JoinRequest};
-use crate::admin::TOKEN_HEADER;
+use crate::admin::guard::{authorized, membership_error, must_lead, not_the_leader, reply};
 use crate::api::App;
 use crate::identity::PROTOCOL_VERSION;
 use crate::types::{Member, NodeId, Role};
 
-pub(crate) fn reply(code: StatusCode, message: impl Into<String>, leader_admin: Option<String>) -> Response {
-    let ok = code.is_success();
-    (code, Json(JoinReply { ok, message: message.into(), leader_admin, cluster_id: None })).into_response()
-}
-
 fn accepted(code: StatusCode, message: String, cluster_id: &str) -> Response {
     let r = JoinReply { ok: true, message, leader_admin: None, cluster_id: Some(cluster_id.to_string()) };
     (code, Json(r)).into_response()
-}
-
-/// Refuses a request without the cluster token, when the cluster has one: joins and
-/// membership changes are the cluster's own business.
-pub(crate) fn authorized(app: &App, headers: &HeaderMap) -> Result<(), Response> {
-    if app.token.is_empty() {
-        return Ok(());
-    }
-    let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if crate::net::same_secret(given.as_bytes(), app.token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(reply(StatusCode::UNAUTHORIZED, "wrong or missing cluster token", None))
-    }
-}
-
-/// Answers 421 with the leader's admin address (when known) unless this member leads.
-pub(crate) fn must_lead(app: &App) -> Result<(), Response> {
-    let m = app.raft.metrics().borrow().clone();
-    if m.current_leader == Some(app.id) && m.state == ServerState::Leader {
-        return Ok(());
-    }
-    let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
-    Err(reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin))
 }
 
 /// Why node `req.id` may not take its place in `membership`, if it may not.
@@ -226,24 +196,8 @@ pub(crate) async fn caught_up(app: &App, id: NodeId, within: Duration) -> Result
     let done = app.raft.wait(Some(within)).metrics(done_when, "learner to catch up").await;
     match done {
         Ok(m) if m.state == ServerState::Leader => Ok(()),
-        Ok(m) => {
-            let leader_admin = m.current_leader.and_then(|l| app.member(l)).map(|n| n.admin_addr);
-            Err(reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin))
-        }
+        Ok(m) => Err(not_the_leader(app, m.current_leader)),
         Err(_) => Err(reply(StatusCode::SERVICE_UNAVAILABLE, "learner still catching up; retry", None)),
-    }
-}
-
-pub(crate) fn membership_error(app: &App, e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Response {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            let leader_admin = f.leader_id.and_then(|l| app.member(l)).map(|n| n.admin_addr);
-            reply(StatusCode::MISDIRECTED_REQUEST, "not the leader", leader_admin)
-        }
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))) => {
-            reply(StatusCode::SERVICE_UNAVAILABLE, "another membership change is in progress; retry", None)
-        }
-        other => reply(StatusCode::SERVICE_UNAVAILABLE, other.to_string(), None),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Storage: the durable log (`log`), the guest-backed state machine (`sm`), their snapshot
-//! files (`snapfile`) and the small state files they share (`files`).
+//! files (`snapfile`), the small state files they share (`files`) and `--log-commands`
+//! (`command_log`).
 
+pub mod command_log;
 pub mod covered;
 pub mod durable;
 pub mod files;

@@ -52,6 +52,7 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, StorageIOErr
 use tokio::io::AsyncSeekExt;
 use tokio::sync::oneshot;
 
+use super::command_log::CommandLog;
 use super::covered::SnapshotCover;
 use super::durable::Durable;
 use super::files::sync_dir;
@@ -88,6 +89,8 @@ pub struct StateMachine {
     limits: Limits,
     /// The log in memory, which `recover` serves entries from.
     log: SharedLog,
+    /// `--log-commands`: each batch is recorded there before it is applied.
+    commands: Option<CommandLog>,
 }
 
 /// What `/status` shows of the state: the digest at `last_applied`, read together.
@@ -188,6 +191,7 @@ impl StateMachine {
             cover,
             limits,
             log: shared,
+            commands: None,
         })
     }
 
@@ -199,6 +203,17 @@ impl StateMachine {
     /// The snapshot file this member restarts from and sends to lagging members.
     pub fn snapshot_path(&self) -> PathBuf {
         self.dir.join("current.snap")
+    }
+
+    /// Records every batch in `log` before applying it (`--log-commands`). A snapshot the
+    /// state machine starts from that reaches past the log's end is marked there first.
+    pub fn with_command_log(mut self, log: CommandLog) -> anyhow::Result<Self> {
+        let current = self.dir.join("current.snap");
+        if current.exists() {
+            log.snapshot_held(&SnapReader::open(&current)?.meta, &current)?;
+        }
+        self.commands = Some(log);
+        Ok(self)
     }
 
     /// The guest's execution limits on this member.
@@ -301,6 +316,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = entries.last() {
             self.durable.wait_for(last.log_id.index).await.map_err(|e| sm_err(ErrorVerb::Write, &e))?;
         }
+        if let Some(log) = &self.commands {
+            log.append(&entries).await.map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+        }
         self.call(|tx| Op::Apply(entries, tx)).await?
     }
 
@@ -330,6 +348,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let res = self.install_received(meta, snapshot).await;
         if let (Err(e), Some(cover)) = (&res, &self.cover) {
             cover.fail(e.to_string());
+        }
+        if let (Ok(()), Some(log)) = (&res, &self.commands) {
+            log.snapshot_installed(meta, &self.dir.join("current.snap"))
+                .await
+                .map_err(|e| snap_err(ErrorVerb::Write, &e))?;
         }
         res
     }

@@ -27,6 +27,8 @@ pub struct Node {
     pub log_path: PathBuf,
     /// Every flag but `--join`.
     args: Vec<String>,
+    /// Environment variables set on later (re)starts, beyond the clean environment.
+    envs: Vec<(String, String)>,
     join: Option<String>,
     child: Option<Child>,
 }
@@ -90,6 +92,7 @@ impl Node {
             data_dir,
             log_path: dir.join(format!("node-{id}.log")),
             args,
+            envs: Vec::new(),
             join: join.map(str::to_string),
             child: None,
         };
@@ -107,6 +110,7 @@ impl Node {
         let log_err = log.try_clone().unwrap_or_else(|e| panic!("clone handle of {}: {e}", self.log_path.display()));
         let mut cmd = clean_command(&host_exe());
         cmd.args(&self.args);
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         if let (true, Some(join)) = (with_join, &self.join) {
             cmd.arg("--join").arg(join);
         }
@@ -131,6 +135,20 @@ impl Node {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap_or_else(|| panic!("node {} is not running", self.id)).id()
+    }
+
+    /// Waits for the process to exit on its own (a refusal at start, a fatal error, a
+    /// removal) and reaps it; panics with its log if it does not within `TIMEOUT`.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let status = poll_until(TIMEOUT, || self.exited().ok_or_else(|| "still running".to_string()))
+            .unwrap_or_else(|e| panic!("node {} did not exit: {e}\n{}", self.id, self.log_tail()));
+        self.kill9();
+        status
+    }
+
+    /// Everything the process logged, over all its starts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| panic!("{}: {e}", self.log_path.display()))
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
@@ -197,6 +215,17 @@ impl Node {
     /// Adds flags for later restarts.
     pub fn add_flags(&mut self, flags: &[&str]) {
         self.args.extend(flags.iter().map(|f| f.to_string()));
+    }
+
+    /// Sets an environment variable for later restarts (e.g. a test failpoint).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.forget_env(key);
+        self.envs.push((key.to_string(), value.to_string()));
+    }
+
+    /// Drops a variable [`Node::set_env`] set, for later restarts.
+    pub fn forget_env(&mut self, key: &str) {
+        self.envs.retain(|(k, _)| k != key);
     }
 
     /// Drops `flag` from the flags later restarts use (e.g. `--learner`).

@@ -119,8 +119,8 @@ pub enum RecoveryError {
     Failed(String),
 }
 
-impl RecoveryError {
-    pub fn exit_code(&self) -> i32 {
+impl host::daemon::ExitCode for RecoveryError {
+    fn exit_code(&self) -> i32 {
         match self {
             RecoveryError::Input(_) => 2,
             RecoveryError::Failed(_) => 1,

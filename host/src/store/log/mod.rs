@@ -48,8 +48,10 @@
 //! - `segments`: reading segments back at start-up, and the writer that owns the files;
 //! - `spare`: preallocating the next segment;
 //! - `syncer`: the `log-sync` thread;
+//! - `failpoint`: fault injection for tests (`HOST_TEST_FAILPOINT`), off unless set;
 //! - this module: the in-memory log and openraft's `RaftLogStorage`.
 
+pub mod failpoint;
 pub mod record;
 mod segments;
 mod spare;
@@ -66,6 +68,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, StorageIOError};
 
+use self::failpoint::Failpoint;
 use self::record::encode_record;
 pub use self::segments::SEGMENT_BYTES;
 use self::segments::{load_segments, Writer};
@@ -107,6 +110,8 @@ pub struct LogStore {
     /// Set by [`LogStore::purge_behind_snapshots`]: purges wait for a durable snapshot
     /// that covers them.
     cover: Option<SnapshotCover>,
+    /// Armed only by a test, through the environment (see `failpoint`).
+    failpoint: Option<Failpoint>,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: &impl ToString) -> StorageError {
@@ -118,6 +123,7 @@ impl LogStore {
     /// `fsync: false` is for experiments comparing against an in-memory log: a crash may
     /// then lose acknowledged writes.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<Self> {
+        let failpoint = Failpoint::from_env()?;
         fs::create_dir_all(dir)?;
         // Read back as not committed. openraft 0.9 makes a member whose saved vote is its
         // own committed leadership leader again at once, in the same term and without a
@@ -162,6 +168,7 @@ impl LogStore {
             durable: Durable::new(last),
             me: None,
             cover: None,
+            failpoint,
         })
     }
 
@@ -223,6 +230,11 @@ impl LogStore {
             return Ok(());
         };
         let (first, last) = (first.get_log_id().index, *last.get_log_id());
+        if let (Some(failpoint), Some(me)) = (self.failpoint, self.me) {
+            if failpoint.reached(me, &entries, &lock(&self.mem).entries) {
+                failpoint.fire();
+            }
+        }
         let ahead = self.may_write_ahead(&entries);
         let mut records = Vec::new();
         for entry in &entries {
