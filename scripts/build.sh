@@ -13,7 +13,7 @@ cargo build --release --bins
 bash scripts/build-guests.sh
 
 missing=0
-for b in host kv logger; do
+for b in host kv logger recovery; do
   if [[ ! -x "target/release/$b" ]]; then
     echo "build.sh: expected target/release/$b after the build, it is missing" >&2
     missing=1

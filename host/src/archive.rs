@@ -478,11 +478,40 @@ pub struct Plan {
     to: u64,
 }
 
+/// Entry records gathered before they go to `out` in one chunk: one chunk per record
+/// (a few hundred bytes to a few KiB each) cost more in hand-offs than in reading.
+const STREAM_CHUNK: usize = 1 << 20;
+
 /// Writes the answer to `recover`: with a snapshot, its mark record then the snapshot's
 /// bytes (as many as the mark says); then the entry records `from..=to`, copied as they
-/// are in the archive. Reads one record at a time from `file` (opened with the plan, so a
-/// truncation meanwhile does not move it).
-pub fn stream(mut file: File, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool) -> io::Result<()> {
+/// are in the archive, gathered into chunks of about [`STREAM_CHUNK`]. Reads one record
+/// at a time from `file` (opened with the plan, so a truncation meanwhile does not move
+/// it).
+pub fn stream(file: File, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool) -> io::Result<()> {
+    let mut pending = Vec::new();
+    let mut gather = |chunk: Vec<u8>| {
+        if pending.is_empty() && chunk.len() >= STREAM_CHUNK {
+            return out(chunk);
+        }
+        pending.extend_from_slice(&chunk);
+        pending.len() < STREAM_CHUNK || out(std::mem::take(&mut pending))
+    };
+    // The closure's borrows end with this call (non-lexical lifetimes).
+    let res = stream_records(file, plan, &mut gather);
+    match res {
+        // Whatever was gathered goes out only after a clean end: a failed read cuts the
+        // answer off, and the last whole records are not worth a later error.
+        Ok(true) if !pending.is_empty() => {
+            out(pending);
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`stream`] one record at a time; `Ok(false)` when `out` asked to stop.
+fn stream_records(mut file: File, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool) -> io::Result<bool> {
     file.seek(SeekFrom::Start(plan.offset))?;
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut body = Vec::new();
@@ -492,14 +521,18 @@ pub fn stream(mut file: File, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool)
             return Err(io::Error::other("the archive ended before the range"));
         };
         let rec: Record = bincode::deserialize(&body).map_err(io::Error::other)?;
+        // Sent as it is in the file (its checksum was just verified): decoding it was only
+        // to know what it is.
         let mut framed = Vec::with_capacity(RECORD_HEADER + len);
-        encode_record(&rec, &mut framed).map_err(io::Error::other)?;
+        framed.extend_from_slice(&(len as u32).to_be_bytes());
+        framed.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        framed.extend_from_slice(&body);
         let first_rec = std::mem::replace(&mut first, false);
         match &rec {
             Record::Snapshot { .. } if first_rec && plan.skip_snapshot_mark => {}
             Record::Snapshot { .. } if first_rec => {
                 if !out(framed) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 if let Some((path, bytes)) = &plan.snapshot {
                     let mut snap = File::open(path)?.take(*bytes);
@@ -510,7 +543,7 @@ pub fn stream(mut file: File, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool)
                             break;
                         }
                         if !out(chunk[..n].to_vec()) {
-                            return Ok(());
+                            return Ok(false);
                         }
                     }
                 }
@@ -518,19 +551,19 @@ pub fn stream(mut file: File, plan: Plan, out: &mut impl FnMut(Vec<u8>) -> bool)
             Record::Snapshot { .. } => return Err(io::Error::other("a snapshot mark inside the range")),
             Record::Entry { log_id, .. } => {
                 if log_id.index > plan.to {
-                    return Ok(());
+                    return Ok(true);
                 }
                 if log_id.index >= plan.from && !out(framed) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 if log_id.index == plan.to {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
         if plan.to < plan.from {
             // A snapshot alone.
-            return Ok(());
+            return Ok(true);
         }
     }
 }

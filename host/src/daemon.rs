@@ -18,10 +18,13 @@ pub trait ExitCode: Display {
     fn exit_code(&self) -> i32;
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default: info, openraft's warnings).
-pub fn init_tracing() {
+/// The filter of a long-running member: info, and openraft's warnings.
+pub const MEMBER_LOGS: &str = "info,openraft=warn";
+
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
+pub fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

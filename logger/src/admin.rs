@@ -151,9 +151,27 @@ fn index(q: &HashMap<String, String>, key: &str) -> Result<u64, Response> {
     }
 }
 
+/// Refuses a request without the cluster token, when there is one.
+fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+    if admin.token.is_empty() {
+        return Ok(());
+    }
+    let given = headers.get(host::admin::TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if host::net::same_secret(given.as_bytes(), admin.token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token"))
+    }
+}
+
 /// `GET /recover?cluster=ID&from=I&to=N`: the records `I..=N` (see `archive::stream` for
 /// the body), read from the file as they are sent.
-async fn recover(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
+/// The archive holds every command the cluster ran: with a cluster token, only its holders
+/// may read it.
+async fn recover(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorized(&admin, &headers) {
+        return r;
+    }
     let q = query(&uri);
     let c = match find(&admin, &q) {
         Ok(c) => c,
@@ -199,11 +217,8 @@ async fn recover(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
 /// then only below the smallest T among them. Requests are kept in `<dir>/<id>.truncate`
 /// (see [`record_ask`]), so a restart forgets none.
 async fn truncate(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
-    if !admin.token.is_empty() {
-        let given = headers.get(host::admin::TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !host::net::same_secret(given.as_bytes(), admin.token.as_bytes()) {
-            return refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token");
-        }
+    if let Err(r) = authorized(&admin, &headers) {
+        return r;
     }
     let q = query(&uri);
     let c = match find(&admin, &q) {

@@ -9,6 +9,8 @@
 //! - [`follow`]: one followed cluster: Raft node, peer server, join, commit index heard.
 //! - [`admin`]: `/status`, `/metrics`, `/recover`, `/truncate`.
 //! - [`stats`]: per-cluster figures and the throughput file.
+//! - [`recovery`]: the `recovery` binary's logic: state transfer from a logger or a
+//!   replica into a fresh guest instance.
 
 pub mod admin;
 // The archive format lives in the host library: replicas write it too (`--log-commands`)
@@ -16,6 +18,7 @@ pub mod admin;
 pub use host::archive;
 pub mod config;
 pub mod follow;
+pub mod recovery;
 pub mod sm;
 pub mod stats;
 

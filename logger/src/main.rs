@@ -22,7 +22,7 @@ fn main() {
         }
         return;
     }
-    host::daemon::init_tracing();
+    host::daemon::init_tracing(host::daemon::MEMBER_LOGS);
     host::daemon::run("logger", |shutdown| async move {
         let cpuprofile = opts.cpuprofile.clone();
         let profiles = host::profiling::Profiles::start(cpuprofile.as_deref(), None)

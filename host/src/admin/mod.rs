@@ -1,10 +1,12 @@
 //! Admin HTTP: `GET /status`, `GET /metrics`, `POST /join` (handled by `join::policy`),
 //! and the membership operations in `members` (`GET /members`, `POST /members/remove`,
-//! `/members/demote`, `/members/promote`, `/leader/transfer`).
+//! `/members/demote`, `/members/promote`, `/leader/transfer`), and `GET /recover` (state
+//! transfer to `recovery`, in `recover`).
 
 pub mod guard;
 pub mod members;
 pub mod operator;
+pub mod recover;
 pub mod status;
 
 use std::sync::Arc;
@@ -41,6 +43,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/leader/transfer", post(members::transfer))
         .route("/leader/elect", post(members::elect))
         .route("/removed", post(members::removed))
+        .route("/recover", get(recover::handle))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app);
     serve_router(listener, router).await;

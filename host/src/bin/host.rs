@@ -20,6 +20,6 @@ fn main() {
         std::process::exit(host::check::main(std::env::args_os().skip(1)));
     }
     let opts = Opts::parse();
-    host::daemon::init_tracing();
+    host::daemon::init_tracing(host::daemon::MEMBER_LOGS);
     host::daemon::run("host", |shutdown| host::node::run(opts, shutdown))
 }

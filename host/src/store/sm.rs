@@ -64,7 +64,7 @@ use crate::types::{
     Checkpoint, Entry, LogId, NodeId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-const CHUNK: u32 = 1 << 20;
+pub const CHUNK: u32 = 1 << 20;
 /// Entries whose index is a multiple of this get their digest recorded, for checkpoints.
 pub const CHECKPOINT_EVERY: u64 = 128;
 /// Recorded digests kept: a checkpoint refers to an index the leader applied moments ago.
@@ -87,6 +87,8 @@ pub struct StateMachine {
     /// Told when an install fails, so that the log's purge waiting for it gives up.
     cover: Option<SnapshotCover>,
     limits: Limits,
+    /// The log in memory, which `recover` serves entries from.
+    log: SharedLog,
     /// `--log-commands`: each batch is recorded there before it is applied.
     commands: Option<CommandLog>,
 }
@@ -137,6 +139,7 @@ impl StateMachine {
         let cover = log.snapshot_cover();
         let limits = spec.module.limits.clone();
         let log = log.shared();
+        let shared = log.clone();
         fs::create_dir_all(dir)?;
         clear_dir(&spec.guest_dir)?;
         // Leftovers of interrupted transfers or builds.
@@ -187,8 +190,19 @@ impl StateMachine {
             seq: Arc::default(),
             cover,
             limits,
+            log: shared,
             commands: None,
         })
+    }
+
+    /// The log entries in memory (what `recover` serves after the snapshot).
+    pub fn log(&self) -> &SharedLog {
+        &self.log
+    }
+
+    /// The snapshot file this member restarts from and sends to lagging members.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("current.snap")
     }
 
     /// Records every batch in `log` before applying it (`--log-commands`). A snapshot the
@@ -478,17 +492,7 @@ impl Worker {
         let mut r = SnapReader::open(path).map_err(|e| e.to_string())?;
         let mut inst = self.fresh(dir).map_err(|e| e.to_string())?;
         inst.restore_from(&mut r, CHUNK as usize).map_err(|e| format!("guest restore failed: {e}"))?;
-        if let Some(recorded) = r.digest() {
-            let restored = inst.digest().map_err(|e| format!("digest after restore: {e}"))?;
-            if restored != recorded {
-                return Err(format!(
-                    "the restored guest's digest {} differs from the one recorded with the snapshot {}: \
-                     its restore does not rebuild what its snapshot wrote",
-                    hex::encode(&restored),
-                    hex::encode(recorded)
-                ));
-            }
-        }
+        check_restored(&mut inst, r.digest())?;
         Ok((inst, r.meta))
     }
 
@@ -583,7 +587,7 @@ impl Worker {
         command: &[u8],
     ) -> Result<Result<Vec<u8>, String>, StorageError> {
         let started = Instant::now();
-        let outcome = self.instance()?.apply(log_id.index, log_id.leader_id.term, command);
+        let outcome = apply_command(self.instance()?, &log_id, command);
         self.metrics.observe_apply(started.elapsed());
         Ok(match outcome {
             ApplyOutcome::Result(r) => {
@@ -678,7 +682,7 @@ impl Worker {
                     continue;
                 }
                 replayed += 1;
-                match inst.apply(idx, e.log_id.leader_id.term, command) {
+                match apply_command(&mut inst, &e.log_id, command) {
                     ApplyOutcome::Result(_) => {}
                     ApplyOutcome::Trap(why) => {
                         let why = format!("it trapped on replay after succeeding when first applied: {why}");
@@ -850,6 +854,33 @@ impl Worker {
         self.trapped.clear();
         Ok(())
     }
+}
+
+/// The guest call one committed command makes: the index and term of the entry that
+/// carried it and its bytes, under the per-command fuel budget (`Instance::apply`). Every
+/// path that feeds the log to a guest goes through here (a member's apply and its
+/// rebuilds, `recovery`'s install), so all of them make exactly the same calls and reach
+/// the same digest. Entries without commands (blank, membership, checkpoint-only) make
+/// none.
+pub fn apply_command(inst: &mut Instance, log_id: &LogId, command: &[u8]) -> ApplyOutcome {
+    inst.apply(log_id.index, log_id.leader_id.term, command)
+}
+
+/// Compares a restored instance's digest with the one recorded with its snapshot (none
+/// for first-format files): a guest whose restore does not rebuild what its snapshot
+/// wrote is refused rather than trusted.
+pub fn check_restored(inst: &mut Instance, recorded: Option<&[u8]>) -> Result<(), String> {
+    let Some(recorded) = recorded else { return Ok(()) };
+    let restored = inst.digest().map_err(|e| format!("digest after restore: {e}"))?;
+    if restored != recorded {
+        return Err(format!(
+            "the restored guest's digest {} differs from the one recorded with the snapshot {}: \
+             its restore does not rebuild what its snapshot wrote",
+            hex::encode(&restored),
+            hex::encode(recorded)
+        ));
+    }
+    Ok(())
 }
 
 /// Why a replay could not make an instance: a storage error, or a failure of this member

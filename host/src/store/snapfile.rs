@@ -218,6 +218,103 @@ impl Read for SnapReader {
     }
 }
 
+/// A snapshot file read from a stream of known length (a recovery reading one off the
+/// network): the same checks as [`SnapReader`], made as the bytes pass, so the file is
+/// never held whole nor written anywhere first. The trailer comes last here, so the
+/// recorded digest is known only once the stream has been read to its end, which fails if
+/// the file is not exactly what was written.
+pub struct SnapStream<R: Read> {
+    pub meta: SnapshotMeta,
+    input: io::Take<R>,
+    hash: Xxh3,
+    /// Whether the file has a trailer (the second format).
+    v2: bool,
+    stream_len: u64,
+    digest: Option<Vec<u8>>,
+    checked: bool,
+}
+
+impl<R: Read> SnapStream<R> {
+    /// Reads the header of a `total`-byte snapshot file from `input`.
+    pub fn open(mut input: R, total: u64) -> io::Result<Self> {
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let mut head = [0u8; 12];
+        input.read_exact(&mut head).map_err(|e| bad(format!("no snapshot header ({e})")))?;
+        let (magic, len) = head.split_at(8);
+        let v2 = magic == MAGIC;
+        if !v2 && magic != MAGIC_V1 {
+            return Err(bad("not a snapshot file".into()));
+        }
+        let meta_len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if meta_len > MAX_META {
+            return Err(bad(format!("a snapshot header claiming {meta_len} bytes of metadata")));
+        }
+        let mut meta = vec![0u8; meta_len];
+        input.read_exact(&mut meta).map_err(|e| bad(format!("snapshot metadata cut short ({e})")))?;
+        let mut hash = Xxh3::new();
+        hash.update(&head);
+        hash.update(&meta);
+        let meta: SnapshotMeta = bincode::deserialize(&meta).map_err(|e| bad(e.to_string()))?;
+        let overhead = 12 + meta_len as u64 + if v2 { TRAILER_LEN } else { 0 };
+        let Some(stream_len) = total.checked_sub(overhead) else {
+            return Err(bad(format!("a {total}-byte snapshot cannot hold its {overhead} bytes of header and trailer")));
+        };
+        Ok(SnapStream { meta, input: input.take(stream_len), hash, v2, stream_len, digest: None, checked: false })
+    }
+
+    /// The guest's digest recorded at the snapshot: known once the stream has been read to
+    /// its end (and verified); `None` before, and for first-format files.
+    pub fn digest(&self) -> Option<&[u8]> {
+        self.digest.as_deref()
+    }
+
+    fn check_trailer(&mut self) -> io::Result<()> {
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+        if self.input.limit() > 0 {
+            return Err(bad("the snapshot's guest stream ends early"));
+        }
+        if !self.v2 {
+            return Ok(());
+        }
+        let stream_len = self.stream_len;
+        let mut t = [0u8; TRAILER_LEN as usize];
+        self.input
+            .get_mut()
+            .read_exact(&mut t)
+            .map_err(|e| bad(&format!("the snapshot's trailer is cut short ({e})")))?;
+        if &t[..8] != TRAILER_MAGIC {
+            return Err(bad("no trailer where the snapshot's trailer should be"));
+        }
+        let recorded_len = u64::from_be_bytes(t[8..16].try_into().map_err(|_| bad("trailer"))?);
+        if recorded_len != stream_len {
+            return Err(bad(&format!("the trailer records a {recorded_len}-byte stream, {stream_len} came")));
+        }
+        let digest_len = usize::from(t[16]);
+        if digest_len > MAX_DIGEST {
+            return Err(bad(&format!("a trailer with a {digest_len}-byte digest")));
+        }
+        self.hash.update(&t[..TRAILER_PREFIX]);
+        let hash = u128::from_be_bytes(t[TRAILER_PREFIX..].try_into().map_err(|_| bad("trailer"))?);
+        if self.hash.digest128() != hash {
+            return Err(bad("checksum mismatch: the snapshot is corrupt"));
+        }
+        self.digest = Some(t[17..17 + digest_len].to_vec());
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for SnapStream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.input.read(buf)?;
+        self.hash.update(&buf[..n]);
+        if n == 0 && !self.checked && !buf.is_empty() {
+            self.check_trailer()?;
+            self.checked = true;
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +371,29 @@ mod tests {
         assert!(err.to_string().contains("claiming"), "{err}");
         std::fs::write(&path, b"something else entirely").expect("write");
         assert!(read_all(&path).expect_err("not a snapshot").to_string().contains("not a snapshot"));
+    }
+
+    #[test]
+    fn a_streamed_snapshot_is_checked_like_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.snap");
+        let stream: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+        write(&path, &stream, b"dg");
+        let good = std::fs::read(&path).expect("read");
+        let read = |bytes: &[u8]| -> io::Result<(Vec<u8>, Vec<u8>)> {
+            let mut r = SnapStream::open(bytes, good.len() as u64)?;
+            let mut out = Vec::new();
+            r.read_to_end(&mut out)?;
+            assert_eq!(r.meta, meta());
+            Ok((out, r.digest().map(<[u8]>::to_vec).unwrap_or_default()))
+        };
+        assert_eq!(read(&good).expect("intact"), (stream, b"dg".to_vec()));
+        for at in [20, good.len() / 2, good.len() - 60] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            assert!(read(&bad).is_err(), "a flipped bit at {at} went unnoticed");
+        }
+        assert!(read(&good[..good.len() - 1]).is_err(), "a stream cut short went unnoticed");
     }
 
     #[test]
