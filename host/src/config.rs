@@ -54,6 +54,34 @@ pub struct Opts {
     #[arg(long, env = "HOST_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
 
+    /// How a member with an empty data dir finds its cluster: `none` (`--join`, or
+    /// bootstrap without it) or `kubernetes` (the pods matching `--discovery-selector`:
+    /// ordinal 0 founds the cluster when no member answers, the others join; see README).
+    #[arg(long, env = "HOST_DISCOVERY", value_enum, default_value_t = DiscoveryMode::None, conflicts_with = "join")]
+    pub discovery: DiscoveryMode,
+
+    /// Label selector of this application's pods, e.g. `app.kubernetes.io/instance=kv`.
+    #[arg(long, env = "HOST_DISCOVERY_SELECTOR", required_if_eq("discovery", "kubernetes"))]
+    pub discovery_selector: Option<String>,
+
+    /// Namespace of the pods. Default: `POD_NAMESPACE`, else the service account's.
+    #[arg(long, env = "HOST_DISCOVERY_NAMESPACE")]
+    pub discovery_namespace: Option<String>,
+
+    /// This pod's name (`name-N`, N the StatefulSet ordinal). Default: the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Admin port of a peer pod that has no container port named `admin`. Default: the
+    /// port of `--admin-addr`.
+    #[arg(long, env = "HOST_DISCOVERY_ADMIN_PORT")]
+    pub discovery_admin_port: Option<u16>,
+
+    /// The API server's URL (plain http allowed), instead of the in-cluster settings or a
+    /// kubeconfig: for tests against a stand-in server.
+    #[arg(long, env = "HOST_DISCOVERY_API_URL")]
+    pub discovery_api_url: Option<String>,
+
     /// Join as a non-voting learner only.
     #[arg(long, env = "HOST_LEARNER")]
     pub learner: bool,
@@ -159,6 +187,12 @@ pub struct Opts {
     pub no_fsync: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscoveryMode {
+    None,
+    Kubernetes,
+}
+
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -239,6 +273,17 @@ mod tests {
         assert_eq!(o.fsm_config, vec![("a".into(), "1".into()), ("b".into(), "x=y".into())]);
         assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--fsm-config", "novalue"]).is_err());
         assert!(Opts::try_parse_from(["host", "--fsm", "x.wasm", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn kubernetes_discovery_needs_a_selector_and_excludes_join() {
+        let k = ["host", "--fsm", "x", "--discovery", "kubernetes"];
+        assert!(Opts::try_parse_from(k).is_err(), "no selector");
+        let o = Opts::try_parse_from([&k[..], &["--discovery-selector", "app=kv"]].concat()).expect("parse");
+        assert_eq!(o.discovery, DiscoveryMode::Kubernetes);
+        assert!(Opts::try_parse_from([&k[..], &["--discovery-selector", "a=b", "--join", "x:1"]].concat()).is_err());
+        assert_eq!(Opts::try_parse_from(["host", "--fsm", "x"]).expect("parse").discovery, DiscoveryMode::None);
+        assert!(Opts::try_parse_from(["host", "--fsm", "x", "--discovery", "consul"]).is_err());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod fsm;
 pub mod http_client;
 pub mod identity;

@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, App};
-use crate::config::Opts;
+use crate::config::{DiscoveryMode, Opts};
+use crate::discovery::{Discovery, DiscoveryError, Plan};
 use crate::fsm::{GuestModule, Limits, LoadError};
 use crate::identity::{self, Identity, NodeFile, PROTOCOL_VERSION};
 use crate::join::client::{join_cluster, JoinError};
@@ -45,6 +46,8 @@ pub enum StartError {
     Profile(#[from] ProfileError),
     #[error(transparent)]
     Join(#[from] JoinError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     /// The log, vote or state files could not be read or written.
     #[error("{0}")]
     Storage(String),
@@ -68,7 +71,8 @@ impl crate::daemon::ExitCode for StartError {
             | StartError::Input(_)
             | StartError::Identity(_)
             | StartError::Profile(_)
-            | StartError::Join(_) => 2,
+            | StartError::Join(_)
+            | StartError::Discovery(_) => 2,
             StartError::Storage(_) | StartError::Raft(_) | StartError::RaftStopped(_) => 1,
             // Done as asked: a supervisor that restarts only on failure leaves it stopped.
             StartError::Removed(_) => 0,
@@ -89,6 +93,10 @@ const WANTS_VOTER_MARK: &str = "wants-voter";
 /// Run a member until `shutdown` completes.
 pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let mut inputs = Inputs::check(&opts)?;
+    let discovery = match opts.discovery {
+        DiscoveryMode::Kubernetes => Some(Discovery::from_opts(&opts).await?),
+        DiscoveryMode::None => None,
+    };
     // Ports before anything slow, so a clash is reported at once.
     let ports = Ports::bind(&opts).await?;
     let profiles = Profiles::start(opts.cpuprofile.as_deref(), opts.memprofile.as_deref()).await?;
@@ -166,11 +174,17 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
     tasks.push(Some(tokio::spawn(crate::admin::members::finish_joint_changes(app.clone()))));
 
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<StartError>(1);
-    let seeds = join_seeds(&opts, &inputs, &raft).await;
-    if !has_log && opts.join.is_empty() {
+    if let (Some(discovery), false) = (discovery, has_log) {
+        let start =
+            discover_then_start(discovery, opts.clone(), inputs.clone(), me.clone(), raft.clone(), member, fatal_tx);
+        tasks.push(Some(tokio::spawn(start)));
+    } else if !has_log && opts.join.is_empty() {
         bootstrap(&opts, &inputs, &me, &raft, member).await?;
-    } else if !seeds.is_empty() {
-        tasks.push(Some(tokio::spawn(join(&opts, &inputs, seeds, me.clone(), member, has_log, fatal_tx))));
+    } else {
+        let seeds = join_seeds(&opts, &inputs, &raft, &member).await;
+        if !seeds.is_empty() {
+            tasks.push(Some(tokio::spawn(join(&opts, &inputs, seeds, me.clone(), member, has_log, fatal_tx))));
+        }
     }
     tracing::info!(
         id = opts.id,
@@ -220,6 +234,7 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
 }
 
 /// What start-up checks before it binds or writes anything.
+#[derive(Clone)]
 struct Inputs {
     token: String,
     module: Arc<GuestModule>,
@@ -325,7 +340,8 @@ fn resolve_identity(opts: &Opts, inputs: &Inputs, has_log: bool) -> Result<Arc<I
         };
         identity::write(data_dir, &file)?;
     }
-    if !has_log && opts.join.is_empty() {
+    // (Discovery finds members to finish the join through, as `--join` would.)
+    if !has_log && opts.join.is_empty() && opts.discovery == DiscoveryMode::None {
         if let Some(cluster) = &resolved.cluster_id {
             // Bound to a cluster, with nothing of it: founding another would take its
             // id; only the cluster can give this member its log.
@@ -455,13 +471,38 @@ async fn bootstrap(opts: &Opts, inputs: &Inputs, me: &Identity, raft: &Raft, mem
     raft.initialize(BTreeMap::from([(opts.id, member)])).await.map_err(|e| StartError::Raft(format!("bootstrap: {e}")))
 }
 
-/// Whom to ask to add this member: the `--join` seeds, or, for a member that asked to be
-/// a voter and stopped before it was made one, the members it knows.
-async fn join_seeds(opts: &Opts, inputs: &Inputs, raft: &Raft) -> Vec<String> {
+/// `--discovery kubernetes` with an empty log: waits until discovery says how to start,
+/// then founds the cluster or joins it; a refusal retrying cannot fix goes to `fatal`.
+async fn discover_then_start(
+    discovery: Discovery,
+    opts: Opts,
+    inputs: Inputs,
+    me: Arc<Identity>,
+    raft: Raft,
+    member: Member,
+    fatal: tokio::sync::mpsc::Sender<StartError>,
+) {
+    let bound = me.cluster().map(str::to_string);
+    match discovery.plan(bound.as_deref()).await {
+        Plan::Bootstrap => {
+            if let Err(e) = bootstrap(&opts, &inputs, &me, &raft, member).await {
+                let _ = fatal.send(e).await;
+            }
+        }
+        Plan::Join(seeds) => join(&opts, &inputs, seeds, me, member, false, fatal).await,
+    }
+}
+
+/// Whom to ask to add this member: the `--join` seeds, or the members it knows when it
+/// asked to be a voter and stopped before it was made one, or (with discovery) when it
+/// comes back with other addresses than the membership records, as a pod with a new IP
+/// does: the leader then updates them (`join::policy`), since the member uid is the same.
+async fn join_seeds(opts: &Opts, inputs: &Inputs, raft: &Raft, member: &Member) -> Vec<String> {
     if !opts.join.is_empty() {
         return opts.join.clone();
     }
-    if !inputs.data_dir.join(WANTS_VOTER_MARK).exists() {
+    let wants_voter = inputs.data_dir.join(WANTS_VOTER_MARK).exists();
+    if !wants_voter && opts.discovery == DiscoveryMode::None {
         return Vec::new();
     }
     // Raft publishes the membership it loaded from the log only once its core has
@@ -475,12 +516,25 @@ async fn join_seeds(opts: &Opts, inputs: &Inputs, raft: &Raft) -> Vec<String> {
         return Vec::new();
     };
     let m = metrics.membership_config.clone();
-    if m.membership().voter_ids().any(|v| v == opts.id) {
+    let others =
+        || m.membership().nodes().filter(|(id, _)| **id != opts.id).map(|(_, n)| n.admin_addr.clone()).collect();
+    let is_voter = m.membership().voter_ids().any(|v| v == opts.id);
+    if wants_voter && is_voter {
         let _ = std::fs::remove_file(inputs.data_dir.join(WANTS_VOTER_MARK));
-        return Vec::new();
+    } else if wants_voter {
+        tracing::info!("this member asked to be a voter and is not one yet; asking again");
+        return others();
     }
-    tracing::info!("this member asked to be a voter and is not one yet; asking again");
-    m.membership().nodes().filter(|(id, _)| **id != opts.id).map(|(_, n)| n.admin_addr.clone()).collect()
+    let recorded = m.membership().get_node(&opts.id);
+    let moved = |r: &Member| {
+        (&r.raft_addr, &r.admin_addr, &r.client_addr) != (&member.raft_addr, &member.admin_addr, &member.client_addr)
+    };
+    if opts.discovery != DiscoveryMode::None && recorded.is_some_and(moved) {
+        tracing::info!(recorded = ?recorded, now = %member,
+            "this member's addresses changed since the membership recorded them; asking the cluster to take the new ones");
+        return others();
+    }
+    Vec::new()
 }
 
 /// Asks `seeds` to add this member; a refusal retrying cannot fix goes to `fatal`.
