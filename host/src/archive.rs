@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::store::files::sync_dir;
+use crate::store::files::{read_small, sync_dir, write_small};
 use crate::store::log::record::{encode_record, read_record, Next, RECORD_HEADER};
 use crate::types::{LogId, Member, NodeId, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -262,7 +262,15 @@ impl Archive {
         let path = dir.join(format!("{name}.log"));
         let file =
             OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(io_at(&path))?;
-        let s = scan(&path, |_, _| {})?;
+        let mut s = scan(&path, |_, _| {})?;
+        // A truncation may have dropped the record of the membership in force: it was
+        // kept beside the archive (see `truncate_below`).
+        let kept = dir.join(format!("{name}.membership"));
+        if let Some(m) = read_small::<StoredMembership>(&kept).map_err(io_at(&kept))? {
+            if m.log_id() > s.membership.log_id() {
+                s.membership = m;
+            }
+        }
         if let Some((offset, why)) = &s.torn {
             tracing::warn!(path = %path.display(), offset, %why, "cutting off a torn last record");
             file.set_len(s.valid).map_err(io_at(&path))?;
@@ -409,6 +417,11 @@ impl Archive {
         }
         let f = out.into_inner().map_err(|e| ArchiveError::Io { path: tmp.clone(), source: e.into_error() })?;
         f.sync_all().map_err(io_at(&tmp))?;
+        // The membership in force may be in a dropped record; a logger restarted on the
+        // truncated archive must still know its cluster's members. Kept before the rename,
+        // so no crash leaves an archive that lost it.
+        let kept_membership = self.dir.join(format!("{}.membership", self.name));
+        write_small(&kept_membership, &self.membership).map_err(io_at(&kept_membership))?;
         fs::rename(&tmp, &self.path).map_err(io_at(&self.path))?;
         sync_dir(&self.dir).map_err(io_at(&self.dir))?;
         for snap in dropped_snaps {
@@ -635,6 +648,22 @@ mod tests {
             other => panic!("expected corruption, got {:?}", other.map(|a| a.summary)),
         }
         assert!(matches!(inspect(&path), Err(ArchiveError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn truncation_keeps_the_membership_in_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = Archive::open(dir.path(), "c", true).expect("open");
+        let members = openraft::Membership::new(vec![std::collections::BTreeSet::from([1, 2, 3])], None);
+        let with_members = Record::Entry { log_id: lid(1, 1), commands: Vec::new(), membership: Some(members.clone()) };
+        a.append(&[with_members, entry(2, &["a"]), entry(3, &["b"]), entry(4, &["c"])]).expect("append");
+        let before = a.membership.clone();
+        assert_eq!(before.log_id(), &Some(lid(1, 1)));
+        a.truncate_below(3).expect("truncate");
+        assert_eq!(a.summary.first_index, Some(3), "the membership's record is gone");
+        assert_eq!(a.membership, before, "but not the membership");
+        let a = Archive::open(dir.path(), "c", true).expect("reopen");
+        assert_eq!(a.membership, before, "nor after a restart");
     }
 
     #[test]
