@@ -132,12 +132,12 @@ pub async fn run(opts: Opts, shutdown: impl Future<Output = ()>) -> Result<(), S
         &log,
         metrics.clone(),
     )
-    .map_err(|e| StartError::Input(format!("{e:#}")))?;
+    .map_err(|e| StartError::Input(e.to_string()))?;
     let sm = match &opts.log_commands {
         Some(dir) => {
             let commands =
                 CommandLog::open(dir, opts.id, !opts.no_fsync).map_err(|e| StartError::Input(e.to_string()))?;
-            sm.with_command_log(commands).map_err(|e| StartError::Input(format!("--log-commands: {e:#}")))?
+            sm.with_command_log(commands).map_err(|e| StartError::Input(e.to_string()))?
         }
         None => sm,
     };

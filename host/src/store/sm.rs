@@ -131,10 +131,25 @@ pub struct GuestSpec {
     pub node: NodeId,
 }
 
+/// Why the state machine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("guest {path} refused to start: {why}")]
+    GuestRefused { path: PathBuf, why: crate::fsm::GuestError },
+    #[error("restoring {path}: {why}")]
+    Restore { path: PathBuf, why: String },
+    #[error("the state-machine thread died while starting")]
+    ThreadDied,
+    #[error("--log-commands: {0}")]
+    CommandLog(String),
+}
+
 impl StateMachine {
     /// Start the worker: restore the current snapshot if there is one, else a fresh
     /// instance. Fails if the guest refuses its settings.
-    pub fn open(dir: &Path, spec: GuestSpec, log: &LogStore, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, spec: GuestSpec, log: &LogStore, metrics: Arc<Metrics>) -> Result<Self, OpenError> {
         let durable = log.durable();
         let cover = log.snapshot_cover();
         let limits = spec.module.limits.clone();
@@ -181,7 +196,7 @@ impl StateMachine {
                 let _ = started_tx.send(Err(e));
             }
         })?;
-        started_rx.recv().map_err(|_| anyhow::anyhow!("the state-machine thread died while starting"))??;
+        started_rx.recv().map_err(|_| OpenError::ThreadDied)??;
         Ok(StateMachine {
             tx,
             durable,
@@ -207,10 +222,13 @@ impl StateMachine {
 
     /// Records every batch in `log` before applying it (`--log-commands`). A snapshot the
     /// state machine starts from that reaches past the log's end is marked there first.
-    pub fn with_command_log(mut self, log: CommandLog) -> anyhow::Result<Self> {
+    pub fn with_command_log(mut self, log: CommandLog) -> Result<Self, OpenError> {
         let current = self.dir.join("current.snap");
         if current.exists() {
-            log.snapshot_held(&SnapReader::open(&current)?.meta, &current)?;
+            let meta = SnapReader::open(&current)
+                .map_err(|e| OpenError::CommandLog(format!("{}: {e}", current.display())))?
+                .meta;
+            log.snapshot_held(&meta, &current).map_err(|e| OpenError::CommandLog(e.to_string()))?;
         }
         self.commands = Some(log);
         Ok(self)
@@ -422,19 +440,19 @@ impl Worker {
         self.dir.join("current.snap")
     }
 
-    fn start(&mut self) -> anyhow::Result<()> {
+    fn start(&mut self) -> Result<(), OpenError> {
         let current = self.current();
         if current.exists() {
             let ((inst, meta), generation) = self
                 .staged(|e| e.to_string(), |w, dir| w.restore(&current, dir))
-                .map_err(|e| anyhow::anyhow!("restoring {}: {e}", current.display()))?;
+                .map_err(|why| OpenError::Restore { path: current.clone(), why })?;
             self.last_applied = meta.last_log_id;
             self.membership = meta.last_membership.clone();
             self.covered(&meta);
             self.snapshot = Some(meta);
             self.adopt(inst, generation);
         } else {
-            let (inst, generation) = self.staged(anyhow::Error::from, |w, dir| w.fresh(dir))?;
+            let (inst, generation) = self.staged(OpenError::from, |w, dir| w.fresh(dir))?;
             self.adopt(inst, generation);
         }
         Ok(())
@@ -503,9 +521,9 @@ impl Worker {
         }
     }
 
-    fn fresh(&self, dir: &Path) -> anyhow::Result<Instance> {
+    fn fresh(&self, dir: &Path) -> Result<Instance, OpenError> {
         Instance::new(&self.spec.module, &self.spec.config, Some(dir), self.spec.node)
-            .map_err(|e| anyhow::anyhow!("guest {} refused to start: {e}", self.spec.module.path().display()))
+            .map_err(|why| OpenError::GuestRefused { path: self.spec.module.path().to_path_buf(), why })
     }
 
     fn run(mut self, rx: &mpsc::Receiver<Op>) {
