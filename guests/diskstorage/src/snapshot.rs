@@ -7,7 +7,7 @@
 //! Zero ranges are left out, so a mostly empty (sparse) file gives a small stream and a
 //! restore into a fresh sparse file reproduces it byte for byte.
 
-use kvcommand::seal::{Seal, Unseal};
+use kvcommand::seal::{Opening, Seal, Unseal};
 
 use crate::dirty::DirtyBlocks;
 use crate::disk::{is_zero, Disk};
@@ -150,10 +150,8 @@ pub struct Restorer<D: Disk> {
     /// After the first error every later call repeats it: a stream with a hole in it
     /// must never finish.
     failed: Option<String>,
-    /// The first bytes received, until they name the format.
-    head: Vec<u8>,
-    /// `Some(true)` for a sealed stream (`DSK2`), `Some(false)` for `DSK1`.
-    sealed: Option<bool>,
+    /// Which format the stream is in, from its first bytes.
+    opening: Opening,
     unseal: Unseal,
 }
 
@@ -170,8 +168,7 @@ impl<D: Disk> Restorer<D> {
             record: None,
             next_offset: 0,
             failed: None,
-            head: Vec::with_capacity(MAGIC.len()),
-            sealed: None,
+            opening: Opening::default(),
             unseal: Unseal::default(),
         })
     }
@@ -188,18 +185,7 @@ impl<D: Disk> Restorer<D> {
     }
 
     fn take(&mut self, chunk: &[u8]) -> Result<(), String> {
-        if self.sealed.is_none() {
-            // Refuse another stream from its first bytes, before the end mark could be.
-            let want = MAGIC.len() - self.head.len();
-            self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
-            let have = self.head.len();
-            if self.head[..] != MAGIC[..have] && self.head[..] != MAGIC_UNSEALED[..have] {
-                return Err(not_ours());
-            }
-            if have == MAGIC.len() {
-                self.sealed = Some(self.head[..] == MAGIC[..]);
-            }
-        }
+        self.opening.take(chunk, MAGIC, MAGIC_UNSEALED).map_err(|()| not_ours())?;
         let records = self.unseal.pass(chunk);
         self.parse(&records)
     }
@@ -210,7 +196,7 @@ impl<D: Disk> Restorer<D> {
         if let Some(err) = self.failed {
             return Err(err);
         }
-        match self.sealed {
+        match self.opening.sealed() {
             Some(true) => std::mem::take(&mut self.unseal).finish()?,
             _ => {
                 let held = std::mem::take(&mut self.unseal).into_held();

@@ -66,6 +66,40 @@ impl Seal {
     }
 }
 
+/// The start of a restore: which of a guest's two magics the stream opens with, its
+/// sealed format's or the older unsealed one's. Decided from the first bytes, so another
+/// stream is refused at once rather than after the end mark could have arrived.
+#[derive(Debug, Default)]
+pub struct Opening {
+    head: Vec<u8>,
+    sealed: Option<bool>,
+}
+
+impl Opening {
+    /// Looks at `chunk`'s first bytes until the magic is complete; `Err` when they open
+    /// neither format.
+    pub fn take(&mut self, chunk: &[u8], sealed: &[u8; 4], unsealed: &[u8; 4]) -> Result<(), ()> {
+        if self.sealed.is_some() {
+            return Ok(());
+        }
+        let want = sealed.len() - self.head.len();
+        self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+        let have = self.head.len();
+        if self.head[..] != sealed[..have] && self.head[..] != unsealed[..have] {
+            return Err(());
+        }
+        if have == sealed.len() {
+            self.sealed = Some(self.head[..] == sealed[..]);
+        }
+        Ok(())
+    }
+
+    /// `Some(true)`: the sealed format, whose end mark `Unseal::finish` checks.
+    pub fn sealed(&self) -> Option<bool> {
+        self.sealed
+    }
+}
+
 /// The restoring side.
 #[derive(Default)]
 pub struct Unseal {

@@ -6,7 +6,7 @@
 
 use std::ops::Bound;
 
-use kvcommand::seal::{Seal, Unseal};
+use kvcommand::seal::{Opening, Seal, Unseal};
 
 use crate::store::{Store, Table};
 
@@ -116,10 +116,8 @@ fn encode_record(out: &mut Vec<u8>, key: &str, value: &[u8]) -> Result<(), Strin
 pub struct Restorer {
     /// Received bytes not yet parsed: at most one incomplete record (or magic).
     buf: Vec<u8>,
-    /// The first bytes received, until they name the format.
-    head: Vec<u8>,
-    /// `Some(true)` for a sealed stream (`KVS2`), `Some(false)` for `KVS1`.
-    sealed: Option<bool>,
+    /// Which format the stream is in, from its first bytes.
+    opening: Opening,
     unseal: Unseal,
     magic_seen: bool,
     table: Table,
@@ -141,18 +139,7 @@ impl Restorer {
     }
 
     fn take(&mut self, chunk: &[u8]) -> Result<(), String> {
-        if self.sealed.is_none() {
-            // Refuse another stream from its first bytes, before the end mark could be.
-            let want = MAGIC.len() - self.head.len();
-            self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
-            let have = self.head.len();
-            if self.head[..] != MAGIC[..have] && self.head[..] != MAGIC_UNSEALED[..have] {
-                return Err(not_ours());
-            }
-            if have == MAGIC.len() {
-                self.sealed = Some(self.head[..] == MAGIC[..]);
-            }
-        }
+        self.opening.take(chunk, MAGIC, MAGIC_UNSEALED).map_err(|()| not_ours())?;
         let records = self.unseal.pass(chunk);
         self.buf.extend_from_slice(&records);
         self.parse()
@@ -162,7 +149,7 @@ impl Restorer {
         if let Some(err) = self.failed {
             return Err(err);
         }
-        match self.sealed {
+        match self.opening.sealed() {
             Some(true) => self.unseal.finish()?,
             _ => {
                 let held = self.unseal.into_held();
