@@ -76,22 +76,22 @@ pub struct Opening {
 }
 
 impl Opening {
-    /// Looks at `chunk`'s first bytes until the magic is complete; `Err` when they open
+    /// Looks at `chunk`'s first bytes until the magic is complete; `false` when they open
     /// neither format.
-    pub fn take(&mut self, chunk: &[u8], sealed: &[u8; 4], unsealed: &[u8; 4]) -> Result<(), ()> {
+    pub fn take(&mut self, chunk: &[u8], sealed: &[u8; 4], unsealed: &[u8; 4]) -> bool {
         if self.sealed.is_some() {
-            return Ok(());
+            return true;
         }
         let want = sealed.len() - self.head.len();
         self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
         let have = self.head.len();
         if self.head[..] != sealed[..have] && self.head[..] != unsealed[..have] {
-            return Err(());
+            return false;
         }
         if have == sealed.len() {
             self.sealed = Some(self.head[..] == sealed[..]);
         }
-        Ok(())
+        true
     }
 
     /// `Some(true)`: the sealed format, whose end mark `Unseal::finish` checks.

@@ -139,7 +139,9 @@ impl Restorer {
     }
 
     fn take(&mut self, chunk: &[u8]) -> Result<(), String> {
-        self.opening.take(chunk, MAGIC, MAGIC_UNSEALED).map_err(|()| not_ours())?;
+        if !self.opening.take(chunk, MAGIC, MAGIC_UNSEALED) {
+            return Err(not_ours());
+        }
         let records = self.unseal.pass(chunk);
         self.buf.extend_from_slice(&records);
         self.parse()
