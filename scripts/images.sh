@@ -8,7 +8,7 @@
 # they are mounted (a volume in compose, a ConfigMap in Kubernetes).
 #
 #   bash scripts/images.sh              # every image
-#   bash scripts/images.sh host kv      # some of them
+#   bash scripts/images.sh host logger  # some of them
 #
 # Prints one line per image with its size. Needs the Docker engine, and `tini-static`
 # (Debian's tini package, installed with docker.io) for the images whose binary does not
@@ -23,11 +23,13 @@ UID_GID=10001
 # name | binaries (the first is the entrypoint) | init: "tini" when the entrypoint has no
 # SIGTERM handler (as PID 1 it would ignore the signal; tini forwards it and the process
 # takes the default action), "none" when it stops gracefully by itself.
-# A new image is one more line (for example: "logger|logger recovery|none").
+# A new image is one more line. The logger image carries `recovery` beside it (run it with
+# --entrypoint /bin/recovery); both stop gracefully on SIGTERM (host::daemon).
 IMAGES=(
   "host|host|none"
   "kv|kv|tini"
   "loadgen|loadgen|tini"
+  "logger|logger recovery|none"
 )
 
 TINI=${TINI:-/usr/bin/tini-static}
