@@ -12,11 +12,32 @@ use std::time::{Duration, Instant};
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Test ports come from here, below Linux's ephemeral range (32768-60999): a port from
+/// that range can be taken, while its member is down for a restart, as the local port of
+/// another process's outgoing connection (a pooled peer connection lives for minutes),
+/// and the member could not bind it again.
+const TEST_PORTS: std::ops::Range<u16> = 16_000..32_000;
+
 /// `n` distinct ports that were free a moment ago. All listeners are held until every
-/// port is chosen, so one call never hands out the same port twice.
+/// port is chosen, so one call never hands out the same port twice; the start point is
+/// random, so that tests running at once rarely try the same ones.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1")).collect();
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(n);
+    let mut offset = seed % span;
+    for _ in 0..span {
+        if listeners.len() == n {
+            break;
+        }
+        let port = TEST_PORTS.start + (offset % span) as u16;
+        offset += 7919;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
+    assert_eq!(listeners.len(), n, "{n} free ports in {TEST_PORTS:?}");
     listeners.iter().map(|l| l.local_addr().expect("local address of a bound listener").port()).collect()
 }
 
